@@ -1,0 +1,519 @@
+"""Domain randomization: one seeded sampler of scene parameters, read by every backend.
+
+A :class:`DomainRandomizer` holds *distributions* (ranges, choices, probabilities);
+:meth:`DomainRandomizer.sample` turns ``(seed, frame index)`` into one
+:class:`SceneParams` -- weather with exactly CARLA's ``WeatherParameters`` fields,
+camera, assets, map and road geometry, and sensor effects. Sampling a frame depends
+only on ``(seed, index)``, never on the order frames are generated in, so shards can
+be generated in parallel or resumed and still match.
+
+Condition groups (``day-clear``, ``night-rain``, ...) are *derived* from the weather
+(:func:`condition_group`); the sampler first draws the group from configured
+probabilities and then draws the weather inside that group's region, and it checks
+at construction that every group's ranges really lie inside the region.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+# --- CARLA's WeatherParameters: every field and its documented range ------------------
+#: ``{field: (min, max)}`` exactly as ``carla.WeatherParameters`` (0.9.14+) defines them.
+WEATHER_LIMITS: dict[str, tuple[float, float]] = {
+    "cloudiness": (0.0, 100.0),
+    "precipitation": (0.0, 100.0),
+    "precipitation_deposits": (0.0, 100.0),
+    "wind_intensity": (0.0, 100.0),
+    "sun_azimuth_angle": (0.0, 360.0),
+    "sun_altitude_angle": (-90.0, 90.0),
+    "fog_density": (0.0, 100.0),
+    "fog_distance": (0.0, math.inf),
+    "fog_falloff": (0.0, math.inf),
+    "wetness": (0.0, 100.0),
+    "scattering_intensity": (0.0, math.inf),
+    "mie_scattering_scale": (0.0, math.inf),
+    "rayleigh_scattering_scale": (0.0, math.inf),
+    "dust_storm": (0.0, 100.0),
+}
+
+TIMES_OF_DAY = ("day", "dusk", "night")
+CONDITIONS = ("clear", "rain", "fog")
+#: Sun altitude (degrees) at or above which it is ``day``; between 0 and this, ``dusk``.
+DAY_MIN_ALTITUDE = 15.0
+#: ``precipitation`` at or above this is ``rain``; else ``fog_density`` at or above
+#: :data:`FOG_MIN_DENSITY` is ``fog``; else ``clear``.
+RAIN_MIN_PRECIPITATION = 30.0
+FOG_MIN_DENSITY = 30.0
+
+#: Vehicle kinds, named as CARLA's blueprint attribute ``base_type``.
+VEHICLE_TYPES = ("car", "van", "truck", "bus", "motorcycle", "bicycle")
+
+#: CARLA maps the sampler may choose (``_Opt`` layered variants are accepted too).
+KNOWN_MAPS = (
+    "Town01", "Town02", "Town03", "Town04", "Town05", "Town06",
+    "Town07", "Town10HD", "Town11", "Town12", "Town13", "Town15",
+)  # fmt: skip
+
+
+class RandomizationError(ValueError):
+    """A randomization config that cannot be sampled; the message names the key."""
+
+
+# --- sampled parameters ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Weather:
+    """One value for every field of ``carla.WeatherParameters`` (same names, same units)."""
+
+    cloudiness: float = 5.0
+    precipitation: float = 0.0
+    precipitation_deposits: float = 0.0
+    wind_intensity: float = 10.0
+    sun_azimuth_angle: float = 0.0
+    sun_altitude_angle: float = 45.0
+    fog_density: float = 2.0
+    fog_distance: float = 0.75
+    fog_falloff: float = 0.1
+    wetness: float = 0.0
+    scattering_intensity: float = 1.0
+    mie_scattering_scale: float = 0.03
+    rayleigh_scattering_scale: float = 0.0331
+    dust_storm: float = 0.0
+
+
+def time_of_day(sun_altitude_angle: float) -> str:
+    """``day`` / ``dusk`` / ``night`` from the sun's altitude in degrees."""
+    if sun_altitude_angle >= DAY_MIN_ALTITUDE:
+        return "day"
+    return "dusk" if sun_altitude_angle >= 0.0 else "night"
+
+
+def condition(weather: Weather) -> str:
+    """``rain`` / ``fog`` / ``clear`` from precipitation and fog density (rain first)."""
+    if weather.precipitation >= RAIN_MIN_PRECIPITATION:
+        return "rain"
+    return "fog" if weather.fog_density >= FOG_MIN_DENSITY else "clear"
+
+
+def condition_group(weather: Weather) -> str:
+    """The slice used for per-condition metrics, e.g. ``"night-rain"``."""
+    return f"{time_of_day(weather.sun_altitude_angle)}-{condition(weather)}"
+
+
+ALL_GROUPS = tuple(f"{t}-{c}" for t in TIMES_OF_DAY for c in CONDITIONS)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Ego camera: horizontal field of view (deg), mounting height (m), pitch (deg,
+    negative looks down), yaw and roll jitter (deg), lateral offset in the lane (m)."""
+
+    fov_deg: float = 90.0
+    height_m: float = 1.6
+    pitch_deg: float = -3.0
+    yaw_deg: float = 0.0
+    roll_deg: float = 0.0
+    lateral_m: float = 0.0
+
+
+@dataclass(frozen=True)
+class Road:
+    """Road geometry: curvature (1/m, positive bends right), total lanes, lane and
+    sidewalk width (m), mean building height (m), building and tree density in [0, 1]."""
+
+    curvature: float = 0.0
+    lanes: int = 2
+    lane_width_m: float = 3.5
+    sidewalk_width_m: float = 2.5
+    building_height_m: float = 12.0
+    building_density: float = 0.7
+    tree_density: float = 0.4
+
+
+@dataclass(frozen=True)
+class VehicleSpec:
+    """One vehicle asset: CARLA ``base_type``, body colour (r, g, b in 0..255), size scale."""
+
+    type: str
+    color: tuple[int, int, int]
+    scale: float
+
+
+@dataclass(frozen=True)
+class PedestrianSpec:
+    """One pedestrian: clothing colour (r, g, b in 0..255) and height (m)."""
+
+    color: tuple[int, int, int]
+    height_m: float
+
+
+@dataclass(frozen=True)
+class Sensor:
+    """Sensor effects: Gaussian noise std (intensity in [0, 1]), blur sigma (px),
+    exposure offset (EV stops), vignetting strength (corner darkening in [0, 1])."""
+
+    noise_std: float = 0.0
+    blur_sigma_px: float = 0.0
+    exposure_ev: float = 0.0
+    vignetting: float = 0.0
+
+
+@dataclass(frozen=True)
+class SceneParams:
+    """Everything sampled for one frame; :meth:`to_dict` is what the manifest records."""
+
+    map: str
+    weather: Weather
+    camera: Camera
+    road: Road
+    vehicles: tuple[VehicleSpec, ...]
+    pedestrians: tuple[PedestrianSpec, ...]
+    sensor: Sensor
+
+    @property
+    def group(self) -> str:
+        return condition_group(self.weather)
+
+    def to_dict(self) -> dict[str, Any]:
+        # vars() copies of flat frozen dataclasses: asdict's deep copy is 10x slower here
+        return {
+            "map": self.map,
+            "weather": dict(vars(self.weather)),
+            "camera": dict(vars(self.camera)),
+            "road": dict(vars(self.road)),
+            "vehicles": [
+                {"type": v.type, "color": list(v.color), "scale": v.scale} for v in self.vehicles
+            ],
+            "pedestrians": [
+                {"color": list(p.color), "height_m": p.height_m} for p in self.pedestrians
+            ],
+            "sensor": dict(vars(self.sensor)),
+            "group": self.group,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SceneParams:
+        return cls(
+            map=d["map"],
+            weather=Weather(**d["weather"]),
+            camera=Camera(**d["camera"]),
+            road=Road(**d["road"]),
+            vehicles=tuple(
+                VehicleSpec(v["type"], tuple(v["color"]), v["scale"]) for v in d["vehicles"]
+            ),
+            pedestrians=tuple(
+                PedestrianSpec(tuple(p["color"]), p["height_m"]) for p in d["pedestrians"]
+            ),
+            sensor=Sensor(**d["sensor"]),
+        )
+
+
+# --- distributions --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Uniform:
+    """A value drawn uniformly from ``[lo, hi]`` (a constant when ``lo == hi``);
+    integer-valued when ``integer`` (both ends inclusive)."""
+
+    lo: float
+    hi: float
+    integer: bool = False
+
+    def sample(self, rng: np.random.Generator) -> float | int:
+        if self.integer:
+            return int(rng.integers(int(self.lo), int(self.hi) + 1))
+        return float(self.lo) if self.lo == self.hi else float(rng.uniform(self.lo, self.hi))
+
+
+def parse_range(
+    value: Any,
+    key: str,
+    limits: tuple[float, float] = (-math.inf, math.inf),
+    integer: bool = False,
+) -> Uniform:
+    """A config value -- a number or a ``[lo, hi]`` pair -- as a checked :class:`Uniform`.
+
+    Raises:
+        RandomizationError: naming ``key`` for a non-number, an inverted range, or a
+            value outside ``limits``.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        lo, hi = value
+    else:
+        raise RandomizationError(f"{key}: expected a number or a [lo, hi] pair, got {value!r}")
+    for v in (lo, hi):
+        if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v):
+            raise RandomizationError(f"{key}: expected numbers, got {value!r}")
+        if integer and float(v) != int(v):
+            raise RandomizationError(f"{key}: expected whole numbers, got {value!r}")
+    if lo > hi:
+        raise RandomizationError(f"{key}: inverted range [{lo}, {hi}] (expected lo <= hi)")
+    if lo < limits[0] or hi > limits[1]:
+        raise RandomizationError(
+            f"{key}: [{lo}, {hi}] lies outside the allowed range [{limits[0]}, {limits[1]}]"
+        )
+    return Uniform(float(lo), float(hi), integer)
+
+
+def parse_probabilities(value: Any, key: str, allowed: Sequence[str]) -> dict[str, float]:
+    """A ``{name: probability}`` mapping, each in [0, 1], summing to 1, names in ``allowed``."""
+    if not isinstance(value, Mapping) or not value:
+        raise RandomizationError(f"{key}: expected a mapping of {list(allowed)} to probabilities")
+    probs: dict[str, float] = {}
+    for name, p in value.items():
+        if name not in allowed:
+            raise RandomizationError(
+                f"{key}.{name}: unknown choice, expected one of {list(allowed)}"
+            )
+        if not isinstance(p, int | float) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise RandomizationError(f"{key}.{name}: probability must lie in [0, 1], got {p!r}")
+        probs[str(name)] = float(p)
+    total = sum(probs.values())
+    if abs(total - 1.0) > 1e-6:
+        raise RandomizationError(f"{key}: probabilities must sum to 1, got {total:g}")
+    return probs
+
+
+def _choose(rng: np.random.Generator, probs: Mapping[str, float]) -> str:
+    names = list(probs)
+    return names[int(rng.choice(len(names), p=np.asarray([probs[n] for n in names])))]
+
+
+# The region each group's weather must lie in: {group: {field: (lo, hi)}} with hi exclusive
+# where the rule is strict; used to check configured ranges at construction.
+_GROUP_REGIONS: dict[str, dict[str, tuple[float, float]]] = {
+    "day": {"sun_altitude_angle": (DAY_MIN_ALTITUDE, 90.0)},
+    "dusk": {"sun_altitude_angle": (0.0, DAY_MIN_ALTITUDE - 1e-9)},
+    "night": {"sun_altitude_angle": (-90.0, -1e-9)},
+    "rain": {"precipitation": (RAIN_MIN_PRECIPITATION, 100.0)},
+    "fog": {
+        "precipitation": (0.0, RAIN_MIN_PRECIPITATION - 1e-9),
+        "fog_density": (FOG_MIN_DENSITY, 100.0),
+    },
+    "clear": {
+        "precipitation": (0.0, RAIN_MIN_PRECIPITATION - 1e-9),
+        "fog_density": (0.0, FOG_MIN_DENSITY - 1e-9),
+    },
+}
+
+_CAMERA_LIMITS = {
+    "fov_deg": (10.0, 170.0),
+    "height_m": (0.3, 10.0),
+    "pitch_deg": (-45.0, 30.0),
+    "yaw_deg": (-30.0, 30.0),
+    "roll_deg": (-15.0, 15.0),
+    "lateral_m": (-2.0, 2.0),
+}
+_ROAD_LIMITS = {
+    "curvature": (-0.02, 0.02),
+    "lanes": (1, 8),
+    "lane_width_m": (2.0, 5.0),
+    "sidewalk_width_m": (0.0, 8.0),
+    "building_height_m": (3.0, 120.0),
+    "building_density": (0.0, 1.0),
+    "tree_density": (0.0, 1.0),
+}
+_SENSOR_LIMITS = {
+    "noise_std": (0.0, 0.5),
+    "blur_sigma_px": (0.0, 10.0),
+    "exposure_ev": (-5.0, 5.0),
+    "vignetting": (0.0, 1.0),
+}
+
+
+def _parse_block(
+    values: Mapping[str, Any] | None,
+    key: str,
+    limits: Mapping[str, tuple[float, float]],
+    defaults: Any,
+    integers: Sequence[str] = (),
+) -> dict[str, Uniform]:
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(limits))
+    if unknown:
+        raise RandomizationError(
+            f"{key}.{unknown[0]}: unknown key, expected one of {sorted(limits)}"
+        )
+    out = {}
+    for name in limits:
+        default = getattr(defaults, name)
+        out[name] = parse_range(
+            values.get(name, default), f"{key}.{name}", limits[name], integer=name in integers
+        )
+    return out
+
+
+class DomainRandomizer:
+    """Seeded sampler of :class:`SceneParams`; both backends read it.
+
+    Args:
+        maps: ``{map name: probability}`` over :data:`KNOWN_MAPS`.
+        time_of_day: ``{day|dusk|night: probability}``.
+        condition: ``{clear|rain|fog: probability}``.
+        weather: base ranges for any ``WeatherParameters`` field (number or ``[lo, hi]``);
+            fields not given keep CARLA's ``ClearNoon`` value.
+        weather_by_group: per time-of-day / condition overrides of ``weather``, e.g.
+            ``{"night": {"sun_altitude_angle": [-60, -5]}}``; checked against the group.
+        camera, road, sensor: ranges for the fields of :class:`Camera`, :class:`Road`,
+            :class:`Sensor`.
+        vehicles: ``{"count": [lo, hi], "types": {type: prob}, "saturation": [lo, hi],
+            "value": [lo, hi], "scale": [lo, hi]}``; hue is uniform over the circle.
+        pedestrians: ``{"count": [lo, hi], "height_m": [lo, hi], "saturation": ..., "value": ...}``.
+    """
+
+    def __init__(
+        self,
+        maps: Mapping[str, float],
+        time_of_day: Mapping[str, float],
+        condition: Mapping[str, float],
+        weather: Mapping[str, Any] | None = None,
+        weather_by_group: Mapping[str, Mapping[str, Any]] | None = None,
+        camera: Mapping[str, Any] | None = None,
+        road: Mapping[str, Any] | None = None,
+        vehicles: Mapping[str, Any] | None = None,
+        pedestrians: Mapping[str, Any] | None = None,
+        sensor: Mapping[str, Any] | None = None,
+    ) -> None:
+        k = "randomization"
+        known_maps = set(KNOWN_MAPS) | {f"{m}_Opt" for m in KNOWN_MAPS}
+        self.maps = parse_probabilities(maps, f"{k}.maps", sorted(known_maps))
+        self.time_of_day = parse_probabilities(time_of_day, f"{k}.time_of_day", TIMES_OF_DAY)
+        self.condition = parse_probabilities(condition, f"{k}.condition", CONDITIONS)
+        self.weather = _parse_block(weather, f"{k}.weather", WEATHER_LIMITS, Weather())
+        self.weather_by_group: dict[str, dict[str, Uniform]] = {}
+        for group, block in (weather_by_group or {}).items():
+            if group not in _GROUP_REGIONS:
+                raise RandomizationError(
+                    f"{k}.weather_by_group.{group}: unknown group, expected one of "
+                    f"{list(TIMES_OF_DAY + CONDITIONS)}"
+                )
+            unknown = sorted(set(block) - set(WEATHER_LIMITS))
+            if unknown:
+                raise RandomizationError(
+                    f"{k}.weather_by_group.{group}.{unknown[0]}: not a WeatherParameters field"
+                )
+            self.weather_by_group[group] = {
+                f: parse_range(v, f"{k}.weather_by_group.{group}.{f}", WEATHER_LIMITS[f])
+                for f, v in block.items()
+            }
+        self._check_group_regions()
+        self.camera = _parse_block(camera, f"{k}.camera", _CAMERA_LIMITS, Camera())
+        self.road = _parse_block(road, f"{k}.road", _ROAD_LIMITS, Road(), integers=("lanes",))
+        self.sensor = _parse_block(sensor, f"{k}.sensor", _SENSOR_LIMITS, Sensor())
+
+        vehicles = dict(vehicles or {})
+        self.vehicle_types = parse_probabilities(
+            vehicles.pop("types", {"car": 1.0}), f"{k}.vehicles.types", VEHICLE_TYPES
+        )
+        v = _pop_ranges(
+            vehicles,
+            f"{k}.vehicles",
+            {
+                "count": ([0, 6], (0, 64), True),
+                "scale": (1.0, (0.5, 2.0), False),
+                "saturation": ([0.0, 1.0], (0.0, 1.0), False),
+                "value": ([0.1, 1.0], (0.0, 1.0), False),
+            },
+        )
+        self.vehicle_count, self.vehicle_scale = v["count"], v["scale"]
+        self.vehicle_sat, self.vehicle_val = v["saturation"], v["value"]
+        p = _pop_ranges(
+            dict(pedestrians or {}),
+            f"{k}.pedestrians",
+            {
+                "count": ([0, 4], (0, 64), True),
+                "height_m": ([1.55, 1.9], (0.8, 2.3), False),
+                "saturation": ([0.0, 0.8], (0.0, 1.0), False),
+                "value": ([0.1, 0.9], (0.0, 1.0), False),
+            },
+        )
+        self.ped_count, self.ped_height = p["count"], p["height_m"]
+        self.ped_sat, self.ped_val = p["saturation"], p["value"]
+
+    def _weather_range(self, tod: str, cond: str, name: str) -> Uniform:
+        # condition overrides win over time-of-day overrides, which win over the base
+        for g in (cond, tod):
+            if name in self.weather_by_group.get(g, {}):
+                return self.weather_by_group[g][name]
+        return self.weather[name]
+
+    def _check_group_regions(self) -> None:
+        for tod, p_t in self.time_of_day.items():
+            for cond, p_c in self.condition.items():
+                if p_t == 0 or p_c == 0:
+                    continue
+                for group in (tod, cond):
+                    for name, (lo, hi) in _GROUP_REGIONS[group].items():
+                        r = self._weather_range(tod, cond, name)
+                        if r.lo < lo or r.hi > hi:
+                            raise RandomizationError(
+                                f"randomization.weather_by_group.{group}.{name}: range "
+                                f"[{r.lo:g}, {r.hi:g}] must lie in [{lo:g}, {hi:g}] for "
+                                f"'{tod}-{cond}' frames to be classified as {group}"
+                            )
+
+    @property
+    def groups(self) -> list[str]:
+        """Condition groups this randomizer can produce (probability > 0)."""
+        return [
+            f"{t}-{c}"
+            for t, pt in self.time_of_day.items()
+            for c, pc in self.condition.items()
+            if pt > 0 and pc > 0
+        ]
+
+    def sample(self, seed: int, index: int) -> SceneParams:
+        """The parameters of frame ``index`` of a dataset generated with ``seed``."""
+        rng = np.random.default_rng([int(seed), int(index), 0x5CE9E])
+        map_name = _choose(rng, self.maps)
+        tod = _choose(rng, self.time_of_day)
+        cond = _choose(rng, self.condition)
+        weather = Weather(
+            **{f.name: self._weather_range(tod, cond, f.name).sample(rng) for f in fields(Weather)}
+        )
+        camera = Camera(**{n: r.sample(rng) for n, r in self.camera.items()})
+        road = Road(**{n: r.sample(rng) for n, r in self.road.items()})
+        vehicles = tuple(
+            VehicleSpec(
+                type=_choose(rng, self.vehicle_types),
+                color=_hsv_color(rng, self.vehicle_sat, self.vehicle_val),
+                scale=self.vehicle_scale.sample(rng),
+            )
+            for _ in range(self.vehicle_count.sample(rng))
+        )
+        pedestrians = tuple(
+            PedestrianSpec(
+                color=_hsv_color(rng, self.ped_sat, self.ped_val),
+                height_m=self.ped_height.sample(rng),
+            )
+            for _ in range(self.ped_count.sample(rng))
+        )
+        sensor = Sensor(**{n: r.sample(rng) for n, r in self.sensor.items()})
+        return SceneParams(map_name, weather, camera, road, vehicles, pedestrians, sensor)
+
+
+def _pop_ranges(
+    values: dict[str, Any], key: str, spec: Mapping[str, tuple[Any, tuple[float, float], bool]]
+) -> dict[str, Uniform]:
+    """Parse ``spec``'s keys (default, limits, integer) out of ``values``; reject the rest."""
+    out = {
+        name: parse_range(values.pop(name, default), f"{key}.{name}", limits, integer)
+        for name, (default, limits, integer) in spec.items()
+    }
+    if values:
+        raise RandomizationError(
+            f"{key}.{sorted(values)[0]}: unknown key, expected one of {sorted(spec)}"
+        )
+    return out
+
+
+def _hsv_color(rng: np.random.Generator, sat: Uniform, val: Uniform) -> tuple[int, int, int]:
+    h = float(rng.uniform(0.0, 1.0))
+    r, g, b = colorsys.hsv_to_rgb(h, sat.sample(rng), val.sample(rng))
+    return (round(r * 255), round(g * 255), round(b * 255))
