@@ -35,6 +35,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections import Counter, OrderedDict
@@ -138,6 +139,26 @@ def _fsync_dir(path: Path) -> None:
 def _unique_suffix() -> str:
     # pid + random part: two processes (or a killed one) never share a temporary name.
     return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_TMP_PID = re.compile(r"tmp-(?:\d+-)?(\d+)-[0-9a-f]{8}$")
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that made temporary ``tmp_name`` still runs (not us)."""
+    match = _TMP_PID.search(tmp_name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False  # ours from an earlier attempt in this process: stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tmp_name(name: str) -> str:
@@ -366,10 +387,17 @@ class DatasetWriter:
                 path.unlink()
 
     def _remove_leftovers(self) -> None:
-        for path in self.shards_dir.glob(f"{_TMP_SHARD_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.glob(".*.tmp-*"):  # from atomic_write_* of a killed run
-            path.unlink(missing_ok=True)
+        """Remove temporary shards and files of *dead* writers; a live one (another job of
+        the same multirun, writing other shards) keeps its work in progress."""
+        leftovers = list(self.shards_dir.glob(f"{_TMP_SHARD_PREFIX}*"))
+        leftovers += self.root.glob(".*.tmp-*")  # from atomic_write_* of a killed run
+        for path in leftovers:
+            if _writer_alive(path.name):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # -- write -----------------------------------------------------------------------
     def write_shard(self, shard_id: int, batch: FrameBatch) -> None:

@@ -333,6 +333,11 @@ class Image:
 
 # --- carla.command ---------------------------------------------------------------------
 class _SpawnActor:
+    transform: Transform
+    parent_id: int
+    attachment_type: Any
+    socket_name: str
+
     def __init__(self, blueprint: ActorBlueprint, transform: Transform, parent=None) -> None:
         # the real command copies the blueprint's description at construction
         self._blueprint = copy.deepcopy(blueprint)
@@ -348,11 +353,17 @@ class _SpawnActor:
 
 
 class _DestroyActor:
+    actor_id: int
+
     def __init__(self, actor: Actor | int) -> None:
         self.actor_id = actor.id if isinstance(actor, Actor) else int(actor)
 
 
 class _SetAutopilot:
+    actor_id: int
+    enabled: bool
+    tm_port: int
+
     def __init__(self, actor: Actor | int, enabled: bool, tm_port: int = 8000) -> None:
         self.actor_id = actor.id if isinstance(actor, Actor) else int(actor)
         self.enabled = bool(enabled)
@@ -360,6 +371,9 @@ class _SetAutopilot:
 
 
 class _Response:
+    actor_id: int
+    error: str
+
     def __init__(self, actor_id: int, error: str = "") -> None:
         self.actor_id = actor_id
         self.error = error
@@ -546,7 +560,8 @@ class FakeServer:
     Records (read by tests): ``settings_history`` (a copy per ``apply_settings``),
     ``tm_sync_history``, ``tm_seeds``, ``pedestrian_seeds``, ``loaded_maps``, ``actors``
     (alive, by id), ``spawned`` (every actor ever), ``autopilot`` (id -> TM port),
-    ``walker_destinations``, ``walker_speeds``, ``connections``, and ``events``: ordered
+    ``walker_destinations``, ``walker_speeds``, ``connections``, ``destroyed_listening``
+    (sensors destroyed while still listening), and ``events``: ordered
     ``("spawn" | "destroy" | "stop" | "start" | "tick" | "settings", value)`` pairs.
     """
 
@@ -573,6 +588,7 @@ class FakeServer:
         self.walker_destinations: dict[int, Location] = {}
         self.walker_speeds: dict[int, float] = {}
         self.events: list[tuple[str, Any]] = []
+        self.destroyed_listening: list[int] = []  # sensors destroyed without stop() first
         self.connections = 0
         # failure injection
         self.unreachable_attempts = 0  # the next N connection attempts time out
@@ -608,9 +624,9 @@ class FakeServer:
         """Raise ``error`` once from the ``ticks``-th ``world.tick()`` of the session."""
         self._raise = (ticks, error)
 
-    @property
-    def alive_ids(self) -> set[int]:
-        return set(self.actors)
+    def heal(self) -> None:
+        """Cancel scheduled deaths and raises."""
+        self._death = self._raise = None
 
     # -- server side of the API
     def _check(self, session: int) -> None:
@@ -648,8 +664,8 @@ class FakeServer:
         if self._raise is not None and self._session_ticks >= self._raise[0]:
             error, self._raise = self._raise[1], None
             raise error
-        if not self.settings.synchronous_mode:
-            raise RuntimeError("world.tick() called in asynchronous mode")
+        # a misuse of the API, not a server failure: must not look like the client's errors
+        assert self.settings.synchronous_mode, "world.tick() called in asynchronous mode"
         return self._tick()
 
     def _tick(self) -> int:
@@ -688,6 +704,9 @@ class FakeServer:
         if actor is None:
             return False
         actor._alive = False
+        if isinstance(actor, Sensor) and actor.is_listening:
+            self.destroyed_listening.append(actor_id)
+            actor._callback = None  # a destroyed sensor streams nothing
         self.events.append(("destroy", actor_id))
         return True
 

@@ -607,5 +607,10 @@ class CarlaBackend:
                     log.warning("CARLA %s: could not destroy %s", self.address, failed)
         if errors and strict:
             raise errors[0]
-        for err in errors:
-            log.warning("CARLA %s: teardown: %s", self.address, err)
+        if errors:  # one line: a dead server fails every call the same way
+            log.warning(
+                "CARLA %s: %d teardown call(s) failed, first: %s",
+                self.address,
+                len(errors),
+                errors[0],
+            )

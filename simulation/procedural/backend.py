@@ -25,8 +25,9 @@ class ProceduralBackend:
         seed: dataset seed.
         height, width: image size in pixels (positive).
         style: ``"sim"`` or ``"photo"``.
-        batch_size: frames rendered together (memory ~ 60 kB per frame and pixel row... in
-            practice ~1 MB per 128x256 frame at peak).
+        batch_size: frames rendered together (peak memory about 2 MB per 128x256 frame).
+        compile: fuse the per-pixel kernels with ``torch.compile`` (about 2.5x faster on
+            CPU after a one-off compilation of 10-60 s; worth it for thousands of frames).
     """
 
     name = "procedural"
@@ -40,19 +41,23 @@ class ProceduralBackend:
         width: int,
         style: str = "sim",
         batch_size: int = 64,
+        compile: bool = False,
     ) -> None:
         for key, value in (("image.height", height), ("image.width", width)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(
                     f"{key}: expected a positive whole number of pixels, got {value!r}"
                 )
-        if batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"backend.batch_size: expected a positive number, got {batch_size}")
         self.randomizer, self.taxonomy, self.seed = randomizer, taxonomy, int(seed)
-        self.style = get_style(style)
+        try:
+            self.style = get_style(style)
+        except ValueError as exc:
+            raise ValueError(f"backend.{exc}") from None
         self.batch_size = batch_size
         self.renderer = ProceduralRenderer(
-            height, width, self.style, {c: i for i, c in enumerate(taxonomy.classes)}
+            height, width, self.style, {c: i for i, c in enumerate(taxonomy.classes)}, compile
         )
         from importlib.metadata import PackageNotFoundError, version
 

@@ -295,9 +295,13 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
     wet = (col["wetness"] / 100.0).view(n, 1, 1)
     refl = (0.12 * wet * (surface == S_GROUND) + 0.25 * puddle).unsqueeze(-1)
     lit = lit * (1 - refl) + horizon * refl
-    # at night lamps, vehicle lights and lit windows glow
+    # at night lamps, vehicle lights and lit windows glow, and our headlights light the
+    # road ahead: a pool fading with distance and with the angle off the axis
     night = (1.0 - day).view(n, 1, 1, 1)
-    lit = lit + emissive.unsqueeze(-1) * night * torch.tensor([1.0, 0.85, 0.55]) * 1.1
+    warm_light = torch.tensor([1.0, 0.85, 0.55])
+    lit = lit + emissive.unsqueeze(-1) * night * warm_light * 1.1
+    beam = torch.exp(-depth / 25.0) * torch.exp(-((dx * 2.5) ** 2)) * (surface != S_SKY)
+    lit = lit + albedo_ * (beam.unsqueeze(-1) * night * warm_light * 1.2)
     # fog (with height falloff), haze and dust fade with distance
     d = depth.clamp_max(300.0)
     k_fog = (col["fog_density"] / 100.0 * 0.09).view(n, 1, 1)
@@ -312,6 +316,10 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
     lit = lit + (horizon - lit) * haze.unsqueeze(-1)
     lit = lit + (fog_col - lit) * fog
     lit = lit + (dust_col - lit) * dust.unsqueeze(-1)
+    # auto exposure: the camera gains up dark scenes (noise comes up with them later)
+    luma = lit.mean(dim=(1, 2, 3))
+    gain = (0.42 / luma.clamp_min(1e-3)).clamp(1.0, 3.0).view(n, 1, 1, 1)
+    lit = lit * gain
     # rain streaks in front of everything
     lit = lit + (streak * rain.view(n, 1, 1) * 0.2 * (0.3 + level.view(n, 1, 1))).unsqueeze(-1)
     return lit.clamp(0.0, 1.0)
