@@ -144,13 +144,27 @@ def backend_fingerprint(backend_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in backend_cfg.items() if k not in _NON_CONTENT_KEYS}
 
 
+def _build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising our own config errors unwrapped so the user
+    sees the key that is wrong rather than Hydra's 'Error in call to target'."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
 def run_generate(cfg: Any) -> GenerationResult:
     """Generate the dataset a resolved Hydra config describes (see ``configs/generate.yaml``).
 
     Everything is checked -- counts, image size, randomization, taxonomy, style -- before
     the first frame is rendered.
     """
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     num_frames = check_positive_int(cfg.num_frames, "num_frames")
@@ -161,18 +175,19 @@ def run_generate(cfg: Any) -> GenerationResult:
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir: expected the dataset folder, got nothing")
     shard_ranges(num_frames, shard_size)
-    taxonomy: Taxonomy = instantiate(cfg.taxonomy)
-    randomizer = instantiate(cfg.randomization)
+    index, count = cfg.parallel.index, cfg.parallel.count
+    my_shards([], index, count)  # checks parallel.index / parallel.count
+    taxonomy: Taxonomy = _build(cfg.taxonomy)
+    randomizer = _build(cfg.randomization)
     backend_cfg = OmegaConf.to_container(cfg.backend, resolve=True)
     servers = list(cfg.parallel.get("servers") or [])
-    index, count = int(cfg.parallel.index), int(cfg.parallel.count)
     if servers:  # one CARLA server per job: job i talks to servers[i % len(servers)]
         host, _, port = str(servers[index % len(servers)]).rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"parallel.servers: expected 'host:port' entries, got {servers}")
         backend_cfg.update(host=host, port=int(port))
     # objects go in after instantiation: Hydra would try to turn them into config nodes
-    make_backend = instantiate(backend_cfg, _partial_=True)
+    make_backend = _build(backend_cfg, _partial_=True)
     backend = make_backend(
         randomizer=randomizer, taxonomy=taxonomy, seed=seed, height=height, width=width
     )

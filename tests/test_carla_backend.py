@@ -1,5 +1,9 @@
 """CARLA backend: the double against the real ``carla`` API, the real client on a closed
-port, the episode flow against the double, synchronous mode and label conversion."""
+port, the episode flow against the double, synchronous mode and label conversion.
+
+``carla_double`` imports as a top-level module: tests/ has no ``__init__.py``, so pytest
+puts tests/ itself on ``sys.path``.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ import time
 import types
 from pathlib import Path
 
+import carla_double
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from carla_double import FakeServer, WorldSettings
 
 from simulation.carla_backend import (
     CarlaBackend,
@@ -33,8 +37,6 @@ from simulation.carla_backend import (
     synchronous_mode,
 )
 from simulation.randomization import Weather
-from tests import carla_double
-from tests.carla_double import FakeServer, WorldSettings
 
 try:  # the real client library; only the API-drift and closed-port tests need it
     import carla as real_carla
@@ -51,14 +53,11 @@ SEMANTIC = "sensor.camera.semantic_segmentation"
 
 
 # --- fixtures -----------------------------------------------------------------------------
+# ``taxonomy`` (configs/taxonomy/drive11.yaml) and ``randomizer_full``
+# (configs/randomization/full.yaml) are built by conftest.py with hydra's instantiate.
 @pytest.fixture(scope="module")
-def taxonomy():
-    return instantiate(OmegaConf.load(ROOT / "configs/taxonomy/drive11.yaml"))
-
-
-@pytest.fixture(scope="module")
-def randomizer():
-    return instantiate(OmegaConf.load(ROOT / "configs/randomization/full.yaml"))
+def randomizer(randomizer_full):
+    return randomizer_full
 
 
 @pytest.fixture(scope="module")
@@ -670,6 +669,8 @@ def test_real_sensor_effects_when_available(fake_carla, randomizer, taxonomy, ep
     [
         ({"ticks_per_frame": 0}, "ticks_per_frame"),
         ({"height": 0}, "height"),
+        ({"width": 12.5}, "width"),
+        ({"timeout_s": "10"}, "timeout_s"),
         ({"episode_retries": -1}, "episode_retries"),
         ({"fixed_delta_seconds": 0.0}, "fixed_delta_seconds"),
     ],

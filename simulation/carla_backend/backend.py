@@ -149,20 +149,38 @@ class CarlaBackend:
         client_factory: Callable[[str, int], Any] | None = None,
         backoff_s: float = 1.0,
     ) -> None:
-        checks = {
-            "seed": (seed, int(seed) >= 0, "an integer >= 0"),
-            "height": (height, int(height) > 0, "pixels > 0"),
-            "width": (width, int(width) > 0, "pixels > 0"),
-            "timeout_s": (timeout_s, timeout_s > 0, "seconds > 0"),
-            "retries": (retries, int(retries) >= 1, "at least 1 attempt"),
-            "backoff_s": (backoff_s, backoff_s >= 0, "seconds >= 0"),
-            "fixed_delta_seconds": (fixed_delta_seconds, fixed_delta_seconds > 0, "seconds > 0"),
-            "warmup_ticks": (warmup_ticks, int(warmup_ticks) >= 0, "ticks >= 0"),
-            "ticks_per_frame": (ticks_per_frame, int(ticks_per_frame) >= 1, "ticks >= 1"),
-            "episode_retries": (episode_retries, int(episode_retries) >= 0, "retries >= 0"),
+        whole = {
+            "seed": (seed, 0),
+            "height": (height, 1),
+            "width": (width, 1),
+            "port": (port, 1),
+            "retries": (retries, 1),
+            "warmup_ticks": (warmup_ticks, 0),
+            "ticks_per_frame": (ticks_per_frame, 1),
+            "episode_retries": (episode_retries, 0),
+            "tm_port": (tm_port, 1),
         }
-        for key, (value, ok, expected) in checks.items():
-            if not ok:
+        for key, (value, minimum) in whole.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | np.integer)
+                or value < minimum
+            ):
+                raise ValueError(
+                    f"carla backend.{key}: expected a whole number >= {minimum}, got {value!r}"
+                )
+        seconds = {
+            "timeout_s": (timeout_s, False),
+            "fixed_delta_seconds": (fixed_delta_seconds, False),
+            "backoff_s": (backoff_s, True),
+        }
+        for key, (value, zero_ok) in seconds.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (value >= 0 if zero_ok else value > 0)
+            ):
+                expected = "seconds >= 0" if zero_ok else "seconds > 0"
                 raise ValueError(f"carla backend.{key}: expected {expected}, got {value!r}")
         self.randomizer = randomizer
         self.taxonomy = taxonomy
@@ -270,7 +288,7 @@ class CarlaBackend:
             }
             for index, frame_id in zip(indices, result.frame_ids, strict=True)
         ]
-        return FrameBatch(np.asarray(images, dtype=np.uint8), result.masks, records)
+        return FrameBatch(images, result.masks, records)
 
     def close(self) -> None:
         """Forget the client (undoing a crashed episode's leftovers first if it can);
@@ -341,11 +359,11 @@ class CarlaBackend:
         world.set_pedestrians_seed(episode_seed)
         world.set_weather(carla.WeatherParameters(**asdict(params.weather)))
 
-        actors = _EpisodeActors()
+        # saved before switching, so a server lost during the switch is undone as well
+        actors = _EpisodeActors(settings=world.get_settings())
         self._leftovers = actors
         try:
-            with synchronous_mode(world, self.fixed_delta_seconds, tm) as previous:
-                actors.settings = previous
+            with synchronous_mode(world, self.fixed_delta_seconds, tm):
                 try:
                     spawned = self._populate(client, world, params, rng, actors)
                     images, masks, frame_ids = self._capture(world, actors, len(indices))

@@ -318,7 +318,7 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
     lit = lit + (dust_col - lit) * dust.unsqueeze(-1)
     # auto exposure: the camera gains up dark scenes (noise comes up with them later)
     luma = lit.mean(dim=(1, 2, 3))
-    gain = (0.42 / luma.clamp_min(1e-3)).clamp(1.0, 3.0).view(n, 1, 1, 1)
+    gain = (0.4 / luma.clamp_min(1e-3)).clamp(1.0, 2.0).view(n, 1, 1, 1)
     lit = lit * gain
     # rain streaks in front of everything
     lit = lit + (streak * rain.view(n, 1, 1) * 0.2 * (0.3 + level.view(n, 1, 1))).unsqueeze(-1)
