@@ -53,6 +53,11 @@ class Backend(Protocol):
         """Render the frames with these dataset indices (one shard or one episode)."""
         ...
 
+    def prepare(self) -> None:
+        """Connect or warm up before any shard is written; raise a clear error if the
+        backend cannot work (for CARLA: an unreachable server, naming host:port)."""
+        ...
+
     def close(self) -> None:
         """Release what the backend holds (connections, actors); safe to call twice."""
         ...

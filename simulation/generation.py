@@ -33,7 +33,7 @@ CONTACT_SHEET = "contact_sheet.png"
 
 # Backend arguments that change speed or where frames come from, never their content.
 _NON_CONTENT_KEYS = {
-    "batch_size", "compile", "host", "port", "timeout_s", "retries", "tm_port",
+    "batch_size", "compile", "host", "port", "timeout_s", "retries", "backoff_s", "tm_port",
     "episode_retries",
 }  # fmt: skip
 
@@ -215,8 +215,10 @@ def run_generate(cfg: Any) -> GenerationResult:
         Path(cfg.output_dir), num_frames, shard_size, fingerprint, card_extra,
         overwrite=bool(cfg.overwrite),
     )  # fmt: skip
-    shard_ids = my_shards(writer.open(), index, count)
     try:
+        if not (writer.root / CARD_FILE).exists():
+            backend.prepare()  # e.g. reach the CARLA server before touching the folder
+        shard_ids = my_shards(writer.open(), index, count)
         result = generate_shards(backend, writer, shard_ids, taxonomy, bool(cfg.progress))
     finally:
         backend.close()

@@ -639,6 +639,18 @@ def test_a_server_that_never_answers_fails_without_retrying_episodes(
     assert server.unreachable_attempts == 8  # one connect() of 2 attempts, not 4 of them
 
 
+def test_traffic_that_cannot_spawn_is_skipped(fake_carla, effects, randomizer, taxonomy, episode):
+    server = FakeServer(spawn_points=4)
+    server.occupied = {0, 1, 2}  # the ego finds point 3; every NPC collides
+    batch = make_backend(server, randomizer, taxonomy).render([episode])
+    assert batch.records[0]["spawned"]["vehicles"] == 0
+    assert batch.records[0]["spawned"]["walkers"] == len(
+        randomizer.sample(SEED, episode).pedestrians
+    )
+    assert not (batch.masks == taxonomy.index("vehicle")).any()
+    assert_clean(server)
+
+
 def test_no_free_spawn_point_is_not_retried(fake_carla, effects, randomizer, taxonomy, episode):
     server = FakeServer()
     server.occupied = set(range(len(server.spawn_points)))

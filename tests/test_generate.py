@@ -115,6 +115,24 @@ def test_bad_input_stops_before_any_frame(tmp_path, override, error, match):
     assert not (tmp_path / "ds" / "shards").exists()
 
 
+def test_unreachable_carla_server_stops_before_the_folder_is_touched(tmp_path):
+    import socket
+    import time
+
+    from simulation.carla_backend import CarlaConnectionError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(tmp_path, "backend=carla", "backend.host=127.0.0.1", f"backend.port={port}",
+                 "backend.timeout_s=0.5", "backend.retries=2", "backend.backoff_s=0.1")  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(CarlaConnectionError, match=f"127.0.0.1:{port}"):
+        run_generate(cfg)
+    assert time.monotonic() - start < 15  # a guard against hangs, not a timing target
+    assert not (tmp_path / "ds").exists()
+
+
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(MissingConfigException, match="randomization"):
         config(tmp_path, "randomization=extreme")

@@ -290,6 +290,11 @@ class CarlaBackend:
         ]
         return FrameBatch(images, result.masks, records)
 
+    def prepare(self) -> None:
+        """Connect now, so an unreachable server stops the run before any shard is
+        written (raises :class:`CarlaConnectionError` naming ``host:port``)."""
+        self._ensure_client()
+
     def close(self) -> None:
         """Forget the client (undoing a crashed episode's leftovers first if it can);
         safe to call twice."""

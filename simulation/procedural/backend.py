@@ -92,5 +92,8 @@ class ProceduralBackend:
             )
         return FrameBatch(np.concatenate(images), np.concatenate(masks), records)
 
+    def prepare(self) -> None:
+        """Nothing to connect to: the procedural backend is always ready."""
+
     def close(self) -> None:
         """Nothing to release."""
