@@ -91,14 +91,13 @@ def apply_sensor_effects(
         raise ValueError(f"expected {n} sensors and keys, got {len(sensors)} and {len(keys)}")
     col = lambda name: torch.tensor([getattr(s, name) for s in sensors], dtype=images.dtype)  # noqa: E731
     out = gaussian_blur(images, col("blur_sigma_px"))
-    vig = col("vignetting")
-    if bool((vig > 0).any()):
-        r2 = radial_distance(h, w) ** 2
-        out = out * (1.0 - vig[:, None, None, None] * r2)
-    ev = col("exposure_ev")
-    if bool((ev != 0).any()):
-        # x = lin^(1/g): scaling linear light by 2^ev scales x by 2^(ev/g)
-        out = out * torch.pow(2.0, ev / _GAMMA)[:, None, None, None]
+    vig, ev = col("vignetting"), col("exposure_ev")
+    if bool((vig > 0).any()) or bool((ev != 0).any()):
+        # one (N, 1, H, W) gain: vignetting times exposure. Images are display-referred
+        # (x = lin^(1/g)), so scaling linear light by 2^ev scales x by 2^(ev/g).
+        gain = 1.0 - vig[:, None, None, None] * (radial_distance(h, w) ** 2)
+        gain = gain * torch.pow(2.0, ev / _GAMMA)[:, None, None, None]
+        out = out * gain
     std = col("noise_std")
     if bool((std > 0).any()):
         out = out + noise_crops(keys, h, w) * std[:, None, None, None]

@@ -1,0 +1,75 @@
+"""Benchmark of data generation: frames/s in memory and written to disk with the manifest.
+
+    python scripts/benchmark_generation.py                       # 128x256, full preset
+    python scripts/benchmark_generation.py --compile             # torch.compile'd kernels
+    python scripts/benchmark_generation.py --frames 2000 --preset light
+
+Prints one row per (style, stage). "memory" times ``backend.render`` alone; "disk" times
+the whole ``generate`` path: rendering, atomic shard writes with checksums, manifest,
+card and contact sheet. Warm-up batches are rendered first and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from simulation.dataset import DatasetWriter
+from simulation.generation import generate_shards
+from simulation.procedural import ProceduralBackend
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=1024)
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--preset", default="full", help="randomization preset")
+    ap.add_argument("--styles", nargs="+", default=["sim", "photo"])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the kernels")
+    args = ap.parse_args()
+
+    taxonomy = instantiate(OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml"))
+    randomizer = instantiate(OmegaConf.load(CONFIGS / f"randomization/{args.preset}.yaml"))
+    print(
+        f"# {date.today()} {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"{args.frames} frames {args.height}x{args.width}, preset {args.preset}, "
+        f"batch {args.batch_size}, compile={args.compile}"
+    )
+    print(f"{'style':6s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
+    for style in args.styles:
+        backend = ProceduralBackend(
+            randomizer, taxonomy, seed=0, height=args.height, width=args.width, style=style,
+            batch_size=args.batch_size, compile=args.compile,
+        )  # fmt: skip
+        backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up (and compile)
+        start = time.perf_counter()
+        for lo in range(0, args.frames, args.shard_size):
+            backend.render(list(range(lo, min(lo + args.shard_size, args.frames))))
+        _row(style, "memory", args.frames, time.perf_counter() - start)
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = DatasetWriter(Path(tmp) / "ds", args.frames, args.shard_size, {"b": 1})
+            start = time.perf_counter()
+            result = generate_shards(backend, writer, writer.open(), taxonomy, progress=False)
+            _row(style, "disk", result.frames, time.perf_counter() - start)
+
+
+def _row(style: str, stage: str, frames: int, seconds: float) -> None:
+    print(f"{style:6s} {stage:7s} {frames / seconds:9.1f} {1000 * seconds / frames:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
