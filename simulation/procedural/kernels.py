@@ -206,16 +206,22 @@ def albedo(palette, material, tex_u, tex_v, tex_off, texture: float, wetness, de
     return out * mod.unsqueeze(-1), puddle
 
 
-def sky(dx, yw, zw, wx, noise):
-    """``(N, H, W, 3)`` sky: gradient, clouds, sun glow; ``wx`` is ``(N, len(WEATHER_COLUMNS))``."""
-    n, h, w = dx.shape[0], yw.shape[1], dx.shape[2]
+def _light_terms(wx: torch.Tensor):
+    """Per-frame terms both the sky and the shading use, each ``(N,)``: the weather
+    columns by name, sun altitude and azimuth (rad), cloud and rain in [0, 1], daylight
+    (0 at night, 1 by day) and warmth of the light (0 at the horizon, 1 high up)."""
     col = {name: wx[:, i] for i, name in enumerate(WEATHER_COLUMNS)}
     alt = torch.deg2rad(col["sun_altitude_angle"])
     az = torch.deg2rad(col["sun_azimuth_angle"])
-    cloud = col["cloudiness"] / 100.0
-    rain = col["precipitation"] / 100.0
     day = smoothstep(-6.0, 20.0, col["sun_altitude_angle"])
     warm = smoothstep(0.0, 40.0, col["sun_altitude_angle"])
+    return col, alt, az, col["cloudiness"] / 100.0, col["precipitation"] / 100.0, day, warm
+
+
+def sky(dx, yw, zw, wx, noise):
+    """``(N, H, W, 3)`` sky: gradient, clouds, sun glow; ``wx`` is ``(N, len(WEATHER_COLUMNS))``."""
+    n, h, w = dx.shape[0], yw.shape[1], dx.shape[2]
+    col, alt, az, cloud, rain, day, warm = _light_terms(wx)
     norm = torch.sqrt(dx * dx + yw * yw + zw * zw)
     el = (yw / torch.sqrt(yw * yw + zw * zw)).clamp(-1, 1)  # (N, H, 1)
     blue = (2.5 * col["rayleigh_scattering_scale"] / 0.0331).clamp_min(0.3)
@@ -262,13 +268,7 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
         ``(N, H, W, 3)`` float in [0, 1].
     """
     n, h = albedo_.shape[0], albedo_.shape[1]
-    col = {name: wx[:, i] for i, name in enumerate(WEATHER_COLUMNS)}
-    alt = torch.deg2rad(col["sun_altitude_angle"])
-    az = torch.deg2rad(col["sun_azimuth_angle"])
-    cloud = col["cloudiness"] / 100.0
-    rain = col["precipitation"] / 100.0
-    day = smoothstep(-6.0, 20.0, col["sun_altitude_angle"])
-    warm = smoothstep(0.0, 40.0, col["sun_altitude_angle"])
+    col, alt, az, cloud, rain, day, warm = _light_terms(wx)
     ones = torch.ones(n)
     sun_col = torch.stack([ones, 0.55 + 0.42 * warm, 0.3 + 0.62 * warm], -1)
     amb_col = torch.stack([0.55 + 0.2 * day, 0.62 + 0.23 * day, ones], -1)
