@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from simulation.configuration import ConfigError, instantiate_checked
 from simulation.dataset import (
     CARD_FILE,
     DatasetWriter,
@@ -36,10 +37,6 @@ _NON_CONTENT_KEYS = {
     "batch_size", "compile", "host", "port", "timeout_s", "retries", "backoff_s", "tm_port",
     "episode_retries",
 }  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """A generation config that cannot run; the message names the key."""
 
 
 @dataclass
@@ -144,21 +141,6 @@ def backend_fingerprint(backend_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in backend_cfg.items() if k not in _NON_CONTENT_KEYS}
 
 
-def _build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising our own config errors unwrapped so the user
-    sees the key that is wrong rather than Hydra's 'Error in call to target'."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise
-
-
 def run_generate(cfg: Any) -> GenerationResult:
     """Generate the dataset a resolved Hydra config describes (see ``configs/generate.yaml``).
 
@@ -177,8 +159,8 @@ def run_generate(cfg: Any) -> GenerationResult:
     shard_ranges(num_frames, shard_size)
     index, count = cfg.parallel.index, cfg.parallel.count
     my_shards([], index, count)  # checks parallel.index / parallel.count
-    taxonomy: Taxonomy = _build(cfg.taxonomy)
-    randomizer = _build(cfg.randomization)
+    taxonomy: Taxonomy = instantiate_checked(cfg.taxonomy)
+    randomizer = instantiate_checked(cfg.randomization)
     backend_cfg = OmegaConf.to_container(cfg.backend, resolve=True)
     servers = list(cfg.parallel.get("servers") or [])
     if servers:  # one CARLA server per job: job i talks to servers[i % len(servers)]
@@ -187,7 +169,7 @@ def run_generate(cfg: Any) -> GenerationResult:
             raise ConfigError(f"parallel.servers: expected 'host:port' entries, got {servers}")
         backend_cfg.update(host=host, port=int(port))
     # objects go in after instantiation: Hydra would try to turn them into config nodes
-    make_backend = _build(backend_cfg, _partial_=True)
+    make_backend = instantiate_checked(backend_cfg, _partial_=True)
     backend = make_backend(
         randomizer=randomizer, taxonomy=taxonomy, seed=seed, height=height, width=width
     )

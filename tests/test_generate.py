@@ -11,8 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
+from simulation.configuration import ConfigError
 from simulation.dataset import DatasetError, DatasetWriter, GeneratedDataset
-from simulation.generation import ConfigError, run_generate
+from simulation.generation import run_generate
 from simulation.randomization import RandomizationError
 from tests.conftest import CONFIGS, ROOT
 

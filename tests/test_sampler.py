@@ -1,0 +1,239 @@
+"""Exact-ratio batch sampler, real subsets, DDP split, endless unlabelled sampler."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from training.sampler import (
+    EndlessShuffleSampler,
+    ExactRatioBatchSampler,
+    batch_composition,
+    rank_and_world_size,
+    real_subset_indices,
+)
+
+
+def _epoch(sampler: ExactRatioBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _counts(batch: list[int], num_sim: int) -> tuple[int, int]:
+    sim = sum(i < num_sim for i in batch)
+    return sim, len(batch) - sim
+
+
+# --- composition ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("batch_size", "ratio", "expected"),
+    [(20, 0.9, (18, 2)), (16, 0.9, (14, 2)), (8, 1.0, (8, 0)), (8, 0.0, (0, 8)), (2, 0.5, (1, 1))],
+)
+def test_batch_composition(batch_size: int, ratio: float, expected: tuple[int, int]) -> None:
+    assert batch_composition(batch_size, ratio) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "ratio", "num_sim", "num_real"),
+    [(20, 0.9, 100, 7), (8, 1.0, 30, 0), (8, 0.0, 0, 30), (5, 0.6, 9, 9)],
+)
+def test_every_batch_has_the_exact_ratio(
+    batch_size: int, ratio: float, num_sim: int, num_real: int
+) -> None:
+    n_sim = round(batch_size * ratio)
+    sampler = ExactRatioBatchSampler(num_sim, num_real, batch_size, ratio, 12, seed=3)
+    assert len(sampler) == 12
+    for epoch in range(4):
+        batches = _epoch(sampler, epoch)
+        assert len(batches) == 12
+        for batch in batches:
+            assert _counts(batch, num_sim) == (n_sim, batch_size - n_sim)
+            assert all(0 <= i < num_sim + num_real for i in batch)
+
+
+def test_domains_are_shuffled_within_the_batch() -> None:
+    sampler = ExactRatioBatchSampler(100, 50, 20, 0.9, 30, seed=0)
+    real_positions = {pos for b in sampler for pos, i in enumerate(b) if i >= 100}
+    # Real images land all over the batch, not in two fixed trailing slots.
+    assert len(real_positions) > 10
+
+
+# --- determinism ------------------------------------------------------------------------
+def test_same_seed_and_epoch_give_same_batches_and_epochs_differ() -> None:
+    a = ExactRatioBatchSampler(200, 40, 20, 0.9, 10, seed=7)
+    b = ExactRatioBatchSampler(200, 40, 20, 0.9, 10, seed=7)
+    first = _epoch(a, 0)
+    assert first == _epoch(b, 0)
+    second = _epoch(a, 1)
+    assert second != first
+    assert _epoch(a, 0) == first  # no hidden state: epoch 0 replays exactly
+    assert list(a) == first  # iterating twice without set_epoch repeats the epoch
+    assert _epoch(ExactRatioBatchSampler(200, 40, 20, 0.9, 10, seed=8), 0) != first
+
+
+def test_indices_are_drawn_without_replacement_until_the_pool_is_exhausted() -> None:
+    num_sim, num_real = 100, 7
+    sampler = ExactRatioBatchSampler(num_sim, num_real, 20, 0.9, 10, seed=1)
+    batches = list(sampler)
+    sim = [i for b in batches for i in b if i < num_sim]
+    real = [i - num_sim for b in batches for i in b if i >= num_sim]
+    assert len(sim) == 180 and len(real) == 20
+    # The first 5 batches take 90 of the 100 sim images: no repeat.
+    first_five = [i for b in batches[:5] for i in b if i < num_sim]
+    assert len(set(first_five)) == 90
+    # Batches are consecutive slices of each domain's stream; the stream is made of passes
+    # that each cover the pool exactly once.
+    sim_stream, real_stream = (s.tolist() for s in sampler._streams(0))
+    assert sorted(sim) == sorted(sim_stream) and sorted(real) == sorted(real_stream)
+    assert sorted(sim_stream[:100]) == list(range(100))
+    assert len(set(sim_stream[100:])) == 80
+    for start in (0, 7):  # real pool of 7, 2 per batch
+        assert sorted(real_stream[start : start + 7]) == list(range(7))
+    assert len(set(real_stream[14:])) == 6
+
+
+def test_sim_stream_passes_are_permutations() -> None:
+    sampler = ExactRatioBatchSampler(30, 10, 10, 0.5, 9, seed=2)
+    sim_stream, real_stream = (s.tolist() for s in sampler._streams(0))
+    assert len(sim_stream) == 45 and len(real_stream) == 45
+    assert sorted(sim_stream[:30]) == list(range(30))
+    assert len(set(sim_stream[30:])) == 15
+    assert sorted(real_stream[:10]) == list(range(10))
+    assert sorted(real_stream[10:20]) == list(range(10))
+    assert real_stream[:10] != real_stream[10:20]  # a fresh permutation each pass
+
+
+def test_yield_epoch_pairs_carry_the_epoch() -> None:
+    plain = ExactRatioBatchSampler(50, 20, 10, 0.8, 3, seed=0)
+    tagged = ExactRatioBatchSampler(50, 20, 10, 0.8, 3, seed=0, yield_epoch=True)
+    plain.set_epoch(4)
+    tagged.set_epoch(4)
+    for a, b in zip(plain, tagged, strict=True):
+        assert b == [(4, i) for i in a]
+
+
+def test_lightning_finds_set_epoch_through_dot_sampler() -> None:
+    # lightning_fabric's _set_sampler_epoch looks at dataloader.batch_sampler.sampler.
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = ExactRatioBatchSampler(50, 20, 10, 0.8, 3)
+    loader = DataLoader(list(range(70)), batch_sampler=sampler)
+    _set_sampler_epoch(loader, 5)
+    assert sampler.epoch == 5
+
+
+# --- DDP --------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_equal_disjoint_shares(world_size: int) -> None:
+    num_sim, num_real, batches = 1000, 200, 10
+    samplers = [
+        ExactRatioBatchSampler(
+            num_sim, num_real, 20, 0.9, batches, seed=5, rank=r, world_size=world_size
+        )
+        for r in range(world_size)
+    ]
+    for epoch in (0, 1):
+        per_rank = [_epoch(s, epoch) for s in samplers]
+        assert [len(s) for s in samplers] == [batches] * world_size
+        assert [len(b) for b in per_rank] == [batches] * world_size
+        for rank_batches in per_rank:
+            assert all(_counts(b, num_sim) == (18, 2) for b in rank_batches)
+        # Pools hold an epoch's draws (sim 1000 >= 180 * W, real 200 >= 20 * W): disjoint.
+        union = [i for rank_batches in per_rank for b in rank_batches for i in b]
+        assert len(union) == world_size * batches * 20
+        assert len(set(union)) == len(union)
+        # Rank r holds global batches r, r + W, ...
+        glob = samplers[0].global_batches(epoch)
+        assert len(glob) == world_size * batches
+        for r, rank_batches in enumerate(per_rank):
+            assert rank_batches == glob[r::world_size]
+
+
+def test_ranks_keep_equal_lengths_when_pools_are_small() -> None:
+    samplers = [ExactRatioBatchSampler(5, 3, 4, 0.5, 7, rank=r, world_size=3) for r in range(3)]
+    assert [len(list(s)) for s in samplers] == [7, 7, 7]
+    assert all(_counts(b, 5) == (2, 2) for s in samplers for b in s)
+
+
+def test_rank_and_world_size_without_process_group() -> None:
+    assert rank_and_world_size() == (0, 1)
+
+
+# --- validation -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sim_ratio": 1.5}, r"data\.sim_ratio"),
+        ({"sim_ratio": -0.1}, r"data\.sim_ratio"),
+        ({"sim_ratio": math.nan}, r"data\.sim_ratio"),
+        ({"batch_size": 0}, r"data\.batch_size"),
+        ({"batches_per_epoch": 0}, r"data\.batches_per_epoch"),
+        ({"num_sim": 0}, r"data\.sim_ratio.*no sim images"),
+        ({"num_real": 0}, r"data\.real_fraction leaves no real images"),
+        ({"batch_size": 4}, r"data\.batch_size=4 with data\.sim_ratio=0\.9.*no real"),
+        ({"batch_size": 4, "sim_ratio": 0.1}, r"data\.batch_size=4.*no sim"),
+        ({"seed": -1}, r"data\.seed"),
+        ({"rank": 2, "world_size": 2}, r"rank"),
+        ({"world_size": 0}, r"world_size"),
+    ],
+)
+def test_sampler_validation_names_the_key(kwargs: dict, match: str) -> None:
+    args = {
+        "num_sim": 100,
+        "num_real": 10,
+        "batch_size": 20,
+        "sim_ratio": 0.9,
+        "batches_per_epoch": 5,
+    } | kwargs
+    with pytest.raises(ValueError, match=match):
+        ExactRatioBatchSampler(**args)
+
+
+def test_single_domain_ratios_need_only_their_domain() -> None:
+    assert all(i < 10 for b in ExactRatioBatchSampler(10, 0, 4, 1.0, 3) for i in b)
+    assert all(i < 10 for b in ExactRatioBatchSampler(0, 10, 4, 0.0, 3) for i in b)
+
+
+# --- real subsets -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "fraction", "k"),
+    [(100, 0.1, 10), (100, 0.05, 5), (7, 0.01, 1), (100, 0.0, 0), (40, 1.0, 40), (0, 0.5, 0)],
+)
+def test_real_subset_size(n: int, fraction: float, k: int) -> None:
+    subset = real_subset_indices(n, fraction, seed=0)
+    assert len(subset) == k
+    assert subset == sorted(set(subset))
+    assert all(0 <= i < n for i in subset)
+
+
+def test_real_subsets_are_reproducible_nested_and_seeded() -> None:
+    fractions = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+    subsets = [real_subset_indices(500, f, seed=11) for f in fractions]
+    assert subsets == [real_subset_indices(500, f, seed=11) for f in fractions]
+    for small, large in itertools.pairwise(subsets):
+        assert set(small) < set(large)
+    assert subsets[-1] == list(range(500))
+    assert real_subset_indices(500, 0.1, seed=12) != subsets[2]
+
+
+@pytest.mark.parametrize("fraction", [1.5, -0.1, math.nan])
+def test_real_subset_rejects_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match=r"data\.real_fraction"):
+        real_subset_indices(100, fraction, seed=0)
+
+
+# --- endless unlabelled sampler ---------------------------------------------------------
+def test_endless_sampler_yields_fresh_permutations_forever() -> None:
+    sampler = EndlessShuffleSampler(6, seed=0)
+    draws = list(itertools.islice(iter(sampler), 30))
+    passes = [draws[i : i + 6] for i in range(0, 30, 6)]
+    assert all(sorted(p) == list(range(6)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
+    assert list(itertools.islice(iter(sampler), 30)) == draws
+    sampler.set_epoch(1)
+    assert list(itertools.islice(iter(sampler), 30)) != draws
+    other_rank = EndlessShuffleSampler(6, seed=0, rank=1)
+    assert list(itertools.islice(iter(other_rank), 30)) != draws

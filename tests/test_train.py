@@ -1,0 +1,203 @@
+"""Training end to end on the smoke experiment, against a real local MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from simulation.configuration import ConfigError
+from simulation.dataset import DatasetError
+from tests.conftest import CONFIGS
+from training.run import run_train
+from training.tracking import dataset_digest
+
+pytestmark = pytest.mark.slow
+
+
+def smoke_config(tmp_path, *overrides: str):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(
+            "train",
+            ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
+             f"paths.output={tmp_path / 'out'}", *overrides],
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        results = run_train(smoke_config(tmp))
+    return tmp, results
+
+
+def test_smoke_runs_every_stage(smoke_run):
+    tmp, results = smoke_run
+    assert list(results) == ["source_only", "finetune"]
+    for res in results.values():
+        assert res.checkpoint.exists() and (res.run_dir / "done.json").exists()
+        for key in ("test/sim/miou", "test/real/miou", "test/gap/miou"):
+            assert 0.0 <= res.metrics[key] <= 1.0 or key.startswith("test/gap")
+        gap = res.metrics["test/sim/miou"] - res.metrics["test/real/miou"]
+        assert res.metrics["test/gap/miou"] == pytest.approx(gap)
+    # the finetuned model starts from the source_only weights
+    ckpt = torch.load(results["finetune"].checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["arch"].startswith("unet")
+
+
+def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
+    tmp, results = smoke_run
+    client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sim2real-drive")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.data.tags["stage"] for r in runs} == {"source_only", "finetune"}
+    run = client.get_run(results["finetune"].run_id)
+    metrics = run.data.metrics
+    for key in (
+        "train/loss",
+        "train/sim/loss",
+        "train/real/loss",
+        "val/sim/miou",
+        "val/real/miou",
+        "gap/miou",
+        "val/real/iou/road",
+        "val/real/pixel_acc",
+        "test/real/miou",
+        "test/sim/miou",
+        "test/gap/miou",
+        "test/real/macro_f1",
+    ):
+        assert key in metrics, key  # fmt: skip
+    assert any(k.startswith("val/real/") and k.endswith("-clear/miou") for k in metrics)
+    params = run.data.params
+    assert params["stages.finetune.sim_ratio"] == "0.9"
+    assert params["stage.num_real_labelled"] == "19"  # round(192 * 0.1)
+    assert run.data.tags["experiment"] == "smoke" and len(run.data.tags["config_hash"]) == 12
+    assert run.data.tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints", "val", "test"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/best.ckpt"
+    }
+    val_real = {a.path for a in client.list_artifacts(run.info.run_id, "val/real")}
+    assert any(p.endswith(".png") and "predictions" in p for p in val_real)
+    assert any("confusion" in p for p in val_real)
+    models = client.search_logged_models([exp.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+    # dataset lineage: every dataset with the digest of its card
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"sim_train", "sim_val", "real_train", "real_val", "real_test"}
+    from simulation.dataset import GeneratedDataset
+
+    ds = GeneratedDataset(tmp / "data" / "smoke" / "real_train")
+    assert inputs["real_train"].digest == dataset_digest(ds)
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    tmp, results = smoke_run
+    again = run_train(smoke_config(tmp))
+    assert all(r.skipped for r in again.values())
+    assert again["finetune"].run_id == results["finetune"].run_id
+    client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sim2real-drive")
+    assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
+    from training.task import SegmentationTask
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original = SegmentationTask.on_train_epoch_start
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(self):
+        if self.current_epoch == 1 and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("spot instance reclaimed")
+        return original(self)
+
+    monkeypatch.setattr(SegmentationTask, "on_train_epoch_start", dies_in_second_epoch)
+    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=0",
+                       "stages.source_only.max_epochs=2", "log_model=false")  # fmt: skip
+    with pytest.raises(RuntimeError, match="spot instance"):
+        run_train(cfg)
+    run_dirs = list((tmp_path / "out" / "runs").iterdir())
+    assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "last.ckpt").exists()
+    first_id = (run_dirs[0] / "mlflow_run_id.txt").read_text()
+    results = run_train(smoke_config(tmp_path, "experiment=source_only", "data=smoke",
+                                     "retries=0", "stages.source_only.max_epochs=2",
+                                     "log_model=false"))  # fmt: skip
+    assert results["source_only"].run_id == first_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    history = client.get_metric_history(first_id, "val/real/miou")
+    assert len(history) == 2  # epoch 0 before the failure, epoch 1 after resuming
+
+
+def test_transient_failure_is_retried(tmp_path, monkeypatch):
+    from training.task import SegmentationTask
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original = SegmentationTask.training_step
+    calls = {"n": 0}
+
+    def flaky(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("NFS hiccup")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationTask, "training_step", flaky)
+    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=1",
+                       "stages.source_only.max_epochs=1", "log_model=false")  # fmt: skip
+    results = run_train(cfg)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(
+        results["source_only"].run_id
+    )
+    assert "NFS hiccup" in run.data.tags["failure_0"]
+    assert json.loads((results["source_only"].run_dir / "done.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ("stages.source_only.sim_ratio=1.5", ConfigError, r"stages.source_only.sim_ratio"),
+        ("stages.source_only.real_fraction=-0.1", ConfigError, "real_fraction"),
+        ("+stages.source_only.lr=0.1", ConfigError, "stages.source_only.lr: unknown key"),
+        ("stages.finetune.init=nowhere.ckpt", ConfigError, "stages.finetune.init"),
+        ("data.datasets.sim_train.root=/does/not/exist", DatasetError, "/does/not/exist"),
+    ],
+)
+def test_bad_input_stops_before_training(smoke_run, override, error, match):
+    tmp, _ = smoke_run
+    with pytest.raises(error, match=match):
+        run_train(smoke_config(tmp, override, "paths.output=" + str(tmp / "bad")))
+    assert not (tmp / "bad" / "runs").exists()
+
+
+def test_real_fraction_leaving_no_real_images(smoke_run):
+    tmp, _ = smoke_run
+    with pytest.raises(ValueError, match="data.real_fraction"):
+        run_train(smoke_config(tmp, "experiment=real_only", "data=smoke",
+                               "stages.real_only.real_fraction=0.0",
+                               "paths.output=" + str(tmp / "bad2")))  # fmt: skip
+
+
+def test_taxonomy_mismatch_is_refused(smoke_run):
+    tmp, _ = smoke_run
+    with pytest.raises(DatasetError, match="taxonomy hash"):
+        run_train(smoke_config(tmp, "taxonomy.colors.0=[1,2,3]",
+                               "paths.output=" + str(tmp / "bad3")))  # fmt: skip
+
+
+def test_checkpoint_of_another_architecture_is_refused(smoke_run):
+    tmp, results = smoke_run
+    ckpt = results["source_only"].checkpoint
+    with pytest.raises(ValueError, match="architecture|arch"):
+        run_train(smoke_config(tmp, "experiment=finetune", "data=smoke", "model=deeplab",
+                               f"stages.finetune.init={ckpt}", "~stages.source_only",
+                               "paths.output=" + str(tmp / "bad4")))  # fmt: skip

@@ -1,0 +1,309 @@
+"""Training runs: the body of ``scripts/train.py``.
+
+An experiment is an ordered set of *stages* (``source_only``, ``real_only``, ``finetune``,
+``oracle``), each a Lightning fit + test on the sim/real mix its ``sim_ratio`` and
+``real_fraction`` ask for, logged as one MLflow run. A stage's folder is named by the hash
+of everything that decides its result, so
+
+* rerunning a command resumes an interrupted stage from its last checkpoint, in the same
+  MLflow run (spot interruption, risk T-04), and skips finished stages;
+* experiments share stages: ``finetune`` reuses the ``source_only`` stage that the
+  ``benchmark`` experiment already trained, when their configs agree;
+* a transient failure is retried from the last checkpoint ``retries`` times (T-05).
+
+Everything that can be checked -- datasets, taxonomy hashes, ratios, checkpoints -- is
+checked before the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulation.configuration import ConfigError, instantiate_checked
+from simulation.dataset import atomic_write_json
+from simulation.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DONE = "done.json"
+RUN_ID = "mlflow_run_id.txt"
+STAGE_KEYS = {"sim_ratio", "real_fraction", "init", "max_epochs", "batches_per_epoch"}
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves: its folder, best checkpoint, MLflow run, figures."""
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+# ----------------------------------------------------------------------------- data
+def ensure_procedural_datasets(gen: Mapping[str, Any], image: Mapping[str, int],
+                               taxonomy_cfg: Any, progress: bool = False) -> None:  # fmt: skip
+    """Generate the procedural splits a data config names, where not complete yet."""
+    from omegaconf import OmegaConf
+
+    from simulation.generation import run_generate
+
+    preset = CONFIGS / "randomization" / f"{gen['randomization']}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"data.generate.randomization: unknown preset '{gen['randomization']}'")
+    for split, spec in gen["splits"].items():
+        root = Path(gen["root"]) / split
+        if (root / "card.json").exists():
+            continue
+        log.info("generating %s (%s, %d frames) into %s", split, spec["style"],
+                 spec["num_frames"], root)  # fmt: skip
+        cfg = OmegaConf.create(
+            {
+                "name": split, "seed": spec["seed"], "num_frames": spec["num_frames"],
+                "shard_size": gen["shard_size"], "image": dict(image), "domain": None,
+                "output_dir": str(root), "overwrite": False, "progress": progress,
+                "parallel": {"index": 0, "count": 1, "servers": []},
+                "backend": {"_target_": "simulation.procedural.ProceduralBackend",
+                            "style": spec["style"], "batch_size": 64, "compile": False},
+                "taxonomy": OmegaConf.to_container(taxonomy_cfg, resolve=True),
+                "randomization": OmegaConf.to_container(OmegaConf.load(preset)),
+            }
+        )  # fmt: skip
+        run_generate(cfg)
+
+
+def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Instantiate the dataset nodes, giving each the taxonomy (readers) or the expected
+    taxonomy hash (generated datasets), so a mismatched dataset stops the run here."""
+    out: dict[str, Any] = {}
+    for role, node in nodes.items():
+        if node is None:
+            out[role] = None
+            continue
+        factory = instantiate_checked(node, _partial_=True)
+        params = inspect.signature(factory).parameters
+        kwargs: dict[str, Any] = {}
+        if "taxonomy" in params:
+            kwargs["taxonomy"] = taxonomy
+        if "expected_taxonomy_hash" in params:
+            kwargs["expected_taxonomy_hash"] = taxonomy.hash
+        try:
+            out[role] = factory(**kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise type(exc)(f"data.datasets.{role}: {exc}") from None
+    return out
+
+
+def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float, n: int) -> np.ndarray:
+    """Training-label pixel counts per class, from the dataset cards (no pass over data):
+    the sim training set when the stage uses sim, else the real one, else uniform."""
+    order = ("sim_train", "real_train") if sim_ratio > 0 else ("real_train", "sim_train")
+    for role in order:
+        card = getattr(datasets.get(role), "card", None)
+        if card and "class_pixel_histogram" in card:
+            return np.asarray(list(card["class_pixel_histogram"].values())[:n], dtype=np.float64)
+    return np.ones(n)
+
+
+# --------------------------------------------------------------------------- stages
+def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
+    """12 hex digits over everything that decides a stage's result."""
+    from omegaconf import OmegaConf
+
+    keys = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
+    blob = {k: _plain(cfg.get(k)) for k in keys}
+    blob["stage"] = _plain(cfg.stages[stage])
+    blob["trainer"] = {
+        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+        if k in ("precision", "accumulate_grad_batches", "gradient_clip_val")
+    }  # fmt: skip
+    blob["parent"] = parent_hash
+    text = json.dumps(blob, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def check_stages(cfg: Any) -> list[str]:
+    """Stage names in order; each stage's keys and its ``init`` checked before any work."""
+    if not cfg.get("stages"):
+        raise ConfigError("stages: no stage to run; pick an experiment (experiment=finetune)")
+    names = list(cfg.stages)
+    for i, name in enumerate(names):
+        stage = cfg.stages[name]
+        unknown = sorted(set(stage) - STAGE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"stages.{name}.{unknown[0]}: unknown key, expected one of {sorted(STAGE_KEYS)}"
+            )
+        for key in ("sim_ratio", "real_fraction"):
+            value = stage.get(key)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ConfigError(
+                    f"stages.{name}.{key}: expected a number in [0, 1], got {value!r}"
+                )
+        init = stage.get("init")
+        if init and init in cfg.stages and names.index(init) >= i:
+            raise ConfigError(f"stages.{name}.init: stage '{init}' must come before '{name}'")
+        if init and init not in cfg.stages and not Path(init).is_file():
+            raise ConfigError(
+                f"stages.{name}.init: '{init}' is neither an earlier stage "
+                f"({names[:i]}) nor a checkpoint file"
+            )
+    return names
+
+
+def run_train(cfg: Any) -> dict[str, StageResult]:
+    """Run every stage of ``cfg.stages`` in order; return their results by name."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.resolve(cfg)
+    names = check_stages(cfg)
+    taxonomy: Taxonomy = instantiate_checked(cfg.taxonomy)
+    gen = cfg.data.get("generate")
+    if gen:
+        ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
+    datasets = build_datasets(cfg.data.datasets, taxonomy)
+    results: dict[str, StageResult] = {}
+    hashes: dict[str, str] = {}
+    for name in names:
+        stage = cfg.stages[name]
+        init = stage.get("init")
+        parent = hashes.get(init) if init in hashes else (init or None)
+        hashes[name] = stage_hash(cfg, name, parent)
+        init_ckpt = results[init].checkpoint if init in results else (Path(init) if init else None)
+        results[name] = run_stage(cfg, name, hashes[name], taxonomy, datasets, init_ckpt)
+    return results
+
+
+def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
+              datasets: Mapping[str, Any], init_ckpt: Path | None) -> StageResult:  # fmt: skip
+    """Fit, test and log one stage, resuming or skipping it by its folder's state."""
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from training import tracking
+    from training.datamodule import SimRealDataModule
+    from training.losses import SegmentationLoss, class_weights_from_histogram
+    from training.models.weights import load_checkpoint_weights
+    from training.task import SegmentationTask
+
+    stage = cfg.stages[name]
+    run_dir = Path(cfg.paths.output) / "runs" / f"{name}-{digest}"
+    done = run_dir / DONE
+    if done.exists():
+        info = json.loads(done.read_text())
+        log.info("stage %s: finished earlier in %s, skipped", name, run_dir)
+        return StageResult(name, run_dir, Path(info["checkpoint"]), info["run_id"],
+                           info["metrics"], skipped=True)  # fmt: skip
+
+    # --- everything checked before the first step
+    dm_kwargs = dict(cfg.data.loader)
+    if stage.get("batches_per_epoch"):
+        dm_kwargs["batches_per_epoch"] = stage.batches_per_epoch
+    augment = instantiate_checked(cfg.data.augment) if cfg.data.get("augment") else None
+    dm = SimRealDataModule(
+        **{k: datasets.get(k) for k in ("sim_train", "sim_val", "real_train", "real_val",
+                                        "real_test", "real_unlabeled")},
+        sim_ratio=float(stage.sim_ratio), real_fraction=float(stage.real_fraction),
+        seed=int(cfg.seed), augment=augment, **dm_kwargs,
+    )  # fmt: skip
+    model = instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
+    if init_ckpt is not None:
+        load_checkpoint_weights(model, init_ckpt, key=f"stages.{name}.init")
+    counts = class_pixel_counts(datasets, float(stage.sim_ratio), taxonomy.num_classes)
+    weights = class_weights_from_histogram(counts, method=cfg.loss.class_weighting)
+    loss = SegmentationLoss(taxonomy.num_classes, weights,
+                            label_smoothing=float(cfg.loss.label_smoothing))  # fmt: skip
+    groups = sorted({g for ds in datasets.values() if ds is not None
+                     for g in (getattr(ds, "card", None) or {}).get("groups", {})})  # fmt: skip
+    task = SegmentationTask(
+        model, loss, taxonomy.classes, taxonomy.palette(), instantiate_checked(cfg.optimizer),
+        warmup_fraction=float(cfg.warmup_fraction), groups=groups or None,
+        val_names=dm.val_names, test_names=dm.test_names,
+    )  # fmt: skip
+
+    # --- tracking: the same MLflow run when resuming
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
+    run_id_file = run_dir / RUN_ID
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
+    tags = {
+        "stage": name, "experiment": str(cfg.name), "config_hash": digest,
+        "git_commit": tracking.git_commit(), "sweep_id": str(cfg.tracking.sweep_id or ""),
+    }  # fmt: skip
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{name}",
+        tracking_uri=uri, tags=tags, run_id=run_id,
+        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
+    )  # fmt: skip
+    fresh = run_id is None
+    run_id = logger.run_id
+    run_id_file.write_text(run_id)
+    if fresh:
+        params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+        params.update(tracking.flatten({"stage": {"name": name, **dm.describe()}}))
+        logger.log_hyperparams(params)
+        config_file = run_dir / "config.yaml"
+        config_file.write_text(OmegaConf.to_yaml(cfg))
+        logger.experiment.log_artifact(run_id, str(config_file))
+        roles = {r: ds for r, ds in datasets.items() if ds is not None}
+        tracking.log_dataset_inputs(logger.experiment, run_id, roles)
+
+    monitor = "val/real/miou" if "real" in dm.val_names else "val/sim/miou"
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor,
+                                 mode="max", save_last=True)  # fmt: skip
+    make_trainer = instantiate_checked(cfg.trainer, _partial_=True)
+    retries = int(cfg.retries)
+    for attempt in range(retries + 1):
+        trainer = make_trainer(
+            max_epochs=int(stage.max_epochs), logger=logger, callbacks=[checkpoint],
+            default_root_dir=str(run_dir), use_distributed_sampler=False,
+            enable_progress_bar=bool(cfg.progress),
+        )  # fmt: skip
+        last = ckpt_dir / "last.ckpt"
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            break
+        except (KeyboardInterrupt, ConfigError):
+            raise
+        except Exception as exc:  # a transient failure: resume from the last checkpoint
+            logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
+            if attempt == retries:
+                logger.experiment.set_tag(run_id, "status", "failed")
+                raise
+            log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc, attempt + 1,
+                        retries, last if last.exists() else "the start")  # fmt: skip
+    best = Path(checkpoint.best_model_path or ckpt_dir / "last.ckpt")
+    trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False)
+    metrics = {k: float(v) for k, v in task.results.items()}
+    if trainer.is_global_zero:
+        logger.experiment.log_artifact(run_id, str(best), artifact_path="checkpoints")
+        if cfg.log_model:
+            tracking.log_model(run_id, task.model, int(cfg.data.image.height),
+                               int(cfg.data.image.width))  # fmt: skip
+        published = Path(cfg.paths.output) / "models" / f"{cfg.name}-{name}.ckpt"
+        published.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best, published)
+        atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics})
+    logger.finalize("success")
+    return StageResult(name, run_dir, best, run_id, metrics)

@@ -1,0 +1,187 @@
+"""The Lightning module for semantic segmentation on mixed sim/real batches.
+
+Training batches come from :class:`~training.datamodule.SimRealDataModule` with an
+exact sim:real ratio; the loss is logged overall and per domain. Validation and test
+run on one loader per domain (``sim``, ``real``) and log, per domain and condition group,
+the metrics of :mod:`training.metrics` under ``<split>/<domain>/<metric>`` plus the
+sim-to-real gap ``gap/<metric>`` (validation) and ``test/gap/<metric>`` (test), with a
+confusion matrix and a prediction grid per domain as images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from training.figures import confusion_matrix_image, prediction_grid
+from training.metrics import GroupedSegmentationMetrics, sim_to_real_gap
+from training.schedules import warmup_cosine
+
+#: Metrics whose sim-minus-real gap is logged.
+GAP_KEYS = ("miou", "pixel_acc", "macro_f1")
+
+
+class SegmentationTask(pl.LightningModule):
+    """Segmentation training, evaluation and logging.
+
+    Args:
+        model: a task model (:mod:`training.models`): ``(B, 3, H, W) -> (B, C, H, W)``.
+        loss: ``(logits, target) -> scalar``; target ``(B, H, W)`` int64, 255 ignored.
+        class_names: the taxonomy's classes in index order.
+        palette: ``(256, 3) uint8`` label colours for prediction grids.
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_: true``); AdamW(lr=2e-3) if None.
+        warmup_fraction: share of the training steps spent warming up the LR; the LR
+            then follows a cosine to zero (:func:`~training.schedules.warmup_cosine`).
+        groups: condition groups known in advance (all ranks then hold the same metric
+            states under DDP); others are added as they appear.
+        val_names, test_names: domain name of each validation / test loader, in order.
+        image_rows: rows of the prediction grids logged per domain.
+        channels_last: run convolutions in NHWC memory layout (about 1.5x faster training
+            on CPU here, and what tensor cores want on GPU).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        class_names: Sequence[str],
+        palette: np.ndarray,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_fraction: float = 0.05,
+        groups: Sequence[str] | None = None,
+        val_names: Sequence[str] = ("sim", "real"),
+        test_names: Sequence[str] = ("sim", "real"),
+        image_rows: int = 6,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.loss = loss
+        self.class_names = list(class_names)
+        self.palette = np.asarray(palette, dtype=np.uint8)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=2e-3)
+        self.warmup_fraction = float(warmup_fraction)
+        self.val_names, self.test_names = list(val_names), list(test_names)
+        self.image_rows = image_rows
+        n = len(self.class_names)
+        names = sorted(set(self.val_names) | set(self.test_names))
+        self.metrics = nn.ModuleDict(
+            {d: GroupedSegmentationMetrics(n, self.class_names, groups=groups) for d in names}
+        )
+        self._examples: dict[str, tuple[torch.Tensor, ...]] = {}
+        #: Latest computed figures by key (``val/real/miou``, ``test/gap/miou``, ...).
+        self.results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ train
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._layout(x))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["mask"])
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        with torch.no_grad():  # per-domain loss, for watching the two halves of the mix
+            for name, dom in (("sim", 0), ("real", 1)):
+                sel = batch["domain"] == dom
+                if bool(sel.any()):
+                    part = self.loss(logits[sel], batch["mask"][sel])
+                    self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(self.warmup_fraction * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(warmup_cosine, total_steps=total, warmup_steps=warmup)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -------------------------------------------------------------- evaluate
+    def _eval_step(self, batch: dict[str, Any], names: list[str], idx: int) -> None:
+        name = names[idx]
+        logits = self(batch["image"])
+        preds = logits.argmax(dim=1)
+        self.metrics[name].update(preds, batch["mask"], list(batch["group"]))
+        if name not in self._examples:  # the first batch of each domain, for the grid
+            k = self.image_rows
+            self._examples[name] = (
+                batch["image"][:k].detach().cpu(),
+                batch["mask"][:k].detach().cpu(),
+                preds[:k].detach().cpu(),
+                [f"{i} {g}" for i, g in zip(batch["id"][:k], batch["group"][:k], strict=True)],
+            )
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.val_names, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.test_names, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val", self.val_names, gap_prefix="gap/")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", self.test_names, gap_prefix="test/gap/")
+
+    def _eval_epoch_end(self, split: str, names: list[str], gap_prefix: str) -> None:
+        per_domain: dict[str, dict[str, float]] = {}
+        logged: dict[str, float] = {}
+        for name in names:
+            values = self.metrics[name].compute(prefix="")
+            per_domain[name] = values
+            logged.update({f"{split}/{name}/{k}": v for k, v in values.items()})
+            self._log_figures(split, name, self.metrics[name])
+            self.metrics[name].reset()
+        if "sim" in per_domain and "real" in per_domain:
+            gap = sim_to_real_gap(per_domain["sim"], per_domain["real"], keys=GAP_KEYS)
+            logged.update({gap_prefix + k.removeprefix("gap/"): v for k, v in gap.items()})
+        # NaN (a class absent from a split) is not a number MLflow can plot
+        finite = {k: float(v) for k, v in logged.items() if np.isfinite(v)}
+        self.log_dict(finite, sync_dist=False)  # metric states are already synced
+        self.results.update(logged)
+        self._examples.clear()
+
+    # ---------------------------------------------------------------- images
+    def _log_figures(self, split: str, name: str, metrics: GroupedSegmentationMetrics) -> None:
+        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        step = f"epoch{self.current_epoch:03d}" if split == "val" else "final"
+        cm = metrics.confusion().cpu().numpy()
+        self.log_image(confusion_matrix_image(cm, self.class_names, title=f"{split}/{name}"),
+                       f"{split}/{name}/confusion_{step}.png")  # fmt: skip
+        if name in self._examples:
+            images, masks, preds, titles = self._examples[name]
+            grid = prediction_grid(images, masks, preds, self.palette, self.image_rows, titles)
+            self.log_image(grid, f"{split}/{name}/predictions_{step}.png")
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Log an ``(H, W, 3) uint8`` image: to MLflow when it is the logger, else as a PNG
+        under the trainer's ``default_root_dir``."""
+        logger = self.logger
+        experiment = getattr(logger, "experiment", None)
+        run_id = getattr(logger, "run_id", None)
+        if experiment is not None and run_id is not None and hasattr(experiment, "log_image"):
+            experiment.log_image(run_id, image, artifact_file=artifact_file)
+            return
+        from PIL import Image
+
+        path = Path(self.trainer.default_root_dir) / "images" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lets a later stage refuse a checkpoint of another architecture before training
+        checkpoint["arch"] = getattr(self.model, "arch", type(self.model).__name__)

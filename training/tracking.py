@@ -1,0 +1,133 @@
+"""MLflow plumbing: where runs go, what describes them, dataset lineage, the model.
+
+The embedded default is a SQLite tracking store (and an artifact folder) inside the
+project's output folder; ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+Credentials (``MLFLOW_TRACKING_PASSWORD``, tokens, ...) are read by MLflow from the
+environment and never logged: parameters come from the resolved config only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# MLflow's limits on a parameter's key and value.
+_MAX_KEY, _MAX_VALUE = 250, 6000
+
+
+def tracking_uri(output_dir: str | os.PathLike[str], configured: str | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``configured``, else SQLite in ``output_dir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return str(configured)
+    root = Path(output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_location(output_dir: str | os.PathLike[str], uri: str) -> str | None:
+    """Artifacts next to a local SQLite store (MLflow's default would be ``./mlruns`` of
+    whatever folder the command ran in); a server decides for itself."""
+    if uri.startswith("sqlite:///") or uri.startswith("file:"):
+        return (Path(output_dir).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
+    """The checked-out commit (``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}`` within MLflow's parameter limits."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if not isinstance(value, str) else value
+            out[name[:_MAX_KEY]] = text[:_MAX_VALUE]
+    return out
+
+
+def dataset_digest(dataset: Any) -> str:
+    """A content digest: from a generated dataset's card (its shard checksums), else from
+    the sample ids of a real dataset reader."""
+    card = getattr(dataset, "card", None)
+    if isinstance(card, Mapping) and "shards" in card:
+        blob = json.dumps(
+            [card.get("taxonomy_hash"), [s.get("files") for s in card["shards"]]], sort_keys=True
+        )
+    else:
+        ids = getattr(dataset, "ids", None) or [str(i) for i in range(len(dataset))]
+        blob = json.dumps(list(ids))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dataset_source(dataset: Any) -> str:
+    root = getattr(dataset, "root", None)
+    if root is None and hasattr(dataset, "dataset"):  # a Subset
+        root = getattr(dataset.dataset, "root", None)
+    return Path(root).resolve().as_uri() if root is not None else "unknown"
+
+
+def log_dataset_inputs(client: Any, run_id: str, datasets: Mapping[str, Any]) -> None:
+    """Record each dataset as an MLflow dataset input (name, source folder, digest) with
+    its role (``sim_train``, ``real_val`` ...) as the context."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for role, ds in datasets.items():
+        if ds is None:
+            continue
+        source = resolve_dataset_source(dataset_source(ds))
+        meta = MetaDataset(source, name=f"{role}:{getattr(ds, 'name', role)}",
+                           digest=dataset_digest(ds))  # fmt: skip
+        inputs.append(
+            DatasetInput(meta._to_mlflow_entity(), [InputTag("mlflow.data.context", role)])
+        )
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model(run_id: str, model: Any, height: int, width: int) -> None:
+    """Log the task model with its signature: ``(B, 3, H, W) float32 -> (B, C, H, W)``."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.eval().cpu()
+    example = torch.rand(1, 3, height, width)
+    with torch.no_grad():
+        out = model(example)
+    signature = infer_signature(example.numpy(), out.numpy().astype(np.float32))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example.numpy(),  # MLflow 3 exports the model (torch.export)
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
