@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.utilities import rank_zero_only
 
 from simulation.dataset import atomic_write_text
 from training.report import results_table
@@ -14,7 +17,13 @@ from training.run import run_train
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and not cfg.tracking.sweep_id:
+        with open_dict(cfg):  # every job of one -m launch carries the same sweep id
+            cfg.tracking.sweep_id = Path(hc.sweep.dir).name
     results = run_train(cfg)
+    if rank_zero_only.rank != 0:  # under DDP every rank runs this script; one reports
+        return
     table = results_table(results)
     out = Path(cfg.paths.output) / f"{cfg.name}-results.md"
     atomic_write_text(out, table + "\n")

@@ -138,6 +138,31 @@ def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
     assert len(history) == 2  # epoch 0 before the failure, epoch 1 after resuming
 
 
+def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
+    """The multi-process path (Lightning's DDP launcher re-runs the script per rank)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(
+        [sys.executable, "scripts/train.py", "experiment=smoke", "trainer=ddp_cpu",
+         f"paths.data={tmp_path / 'data'}", f"paths.output={tmp_path / 'out'}",
+         "log_model=false", "stages.source_only.max_epochs=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MEMBER: 2/2" in out.stderr
+    assert out.stdout.count("| finetune |") == 1  # rank zero reports, once
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "source_only"]
+    for r in runs:
+        assert "test/real/miou" in r.data.metrics
+
+
 def test_transient_failure_is_retried(tmp_path, monkeypatch):
     from training.task import SegmentationTask
 

@@ -241,7 +241,10 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         val_names=dm.val_names, test_names=dm.test_names,
     )  # fmt: skip
 
-    # --- tracking: the same MLflow run when resuming
+    # --- tracking: the same MLflow run when resuming; rank zero only under DDP
+    from pytorch_lightning.utilities import rank_zero_only
+
+    is_zero = rank_zero_only.rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
     run_id_file = run_dir / RUN_ID
@@ -256,9 +259,10 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         artifact_location=tracking.artifact_location(cfg.paths.output, uri),
     )  # fmt: skip
     fresh = run_id is None
-    run_id = logger.run_id
-    run_id_file.write_text(run_id)
-    if fresh:
+    run_id = logger.run_id if is_zero else run_id
+    if is_zero:
+        run_id_file.write_text(run_id)
+    if fresh and is_zero:
         params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
         params.update(tracking.flatten({"stage": {"name": name, **dm.describe()}}))
         logger.log_hyperparams(params)
@@ -287,9 +291,11 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         except (KeyboardInterrupt, ConfigError):
             raise
         except Exception as exc:  # a transient failure: resume from the last checkpoint
-            logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
+            if is_zero:
+                logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
             if attempt == retries:
-                logger.experiment.set_tag(run_id, "status", "failed")
+                if is_zero:
+                    logger.experiment.set_tag(run_id, "status", "failed")
                 raise
             log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc, attempt + 1,
                         retries, last if last.exists() else "the start")  # fmt: skip
