@@ -226,3 +226,86 @@ def test_checkpoint_of_another_architecture_is_refused(smoke_run):
         run_train(smoke_config(tmp, "experiment=finetune", "data=smoke", "model=deeplab",
                                f"stages.finetune.init={ckpt}", "~stages.source_only",
                                "paths.output=" + str(tmp / "bad4")))  # fmt: skip
+
+
+def test_risk_register_is_assessed_and_published(smoke_run):
+    tmp, results = smoke_run
+    res = results["finetune"]
+    client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
+    run = client.get_run(res.run_id)
+    m = run.data.metrics
+    for key in (
+        "risk/T-01/accuracy",
+        "risk/T-02/psi",
+        "risk/T-05/job_failed",
+        "risk/T-06/latency_p95_ms",
+        "risk/T-08/eod_max",
+        "risk/T-09/gap_miou",
+        "risk/T-10/sim_train/dropped",
+        "risk/O-01/daily_cost_ratio",
+    ):
+        assert key in m, key  # fmt: skip
+    assert m["risk/T-01/accuracy"] == pytest.approx(res.metrics["test/real/pixel_acc"])
+    assert m["risk/T-09/gap_miou"] == pytest.approx(res.metrics["test/gap/miou"])
+    assert m["risk/T-09/source_only_real_miou"] == pytest.approx(
+        results["source_only"].metrics["test/real/miou"]
+    )
+    # no GPU here: reported as not available, never as 0 %
+    assert "risk/T-04/gpu_utilization" not in m
+    assert run.data.tags["risk/T-04/gpu"].startswith("not available")
+    assert "model_accuracy_drop" in run.data.tags["risk/alerts_fired"]  # tiny model, < 85 %
+    arts = {a.path for a in client.list_artifacts(res.run_id, "risk")}
+    assert arts == {"risk/register.json", "risk/alerts.json", "risk/risk_dashboard.html"}
+    page = (res.run_dir / "risk_dashboard.html").read_text()
+    assert "T-01 accuracy on real data" in page and "モデル精度低下" in page
+    alerts = [json.loads(line) for line in (res.run_dir / "alerts.jsonl").read_text().splitlines()]
+    assert any(a["risk_id"] == "T-01" and a["fired"] for a in alerts)
+    local = client.download_artifacts(res.run_id, "risk/register.json", str(tmp))
+    with open(local) as f:
+        table = json.load(f)
+    assert len(table["data"]) == 23
+
+
+def test_finetuned_model_is_registered_champion(smoke_run):
+    from training.risk.registry import ModelRegistry
+
+    tmp, results = smoke_run
+    registry = ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
+    assert registry.aliases()["champion"] == "1"
+    run = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}").get_run(results["finetune"].run_id)
+    assert run.data.tags["registry/decision"] == "first_champion"
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "retrain"),
+    [({"accuracy": 0.99, "psi": 1e9}, True), ({"accuracy": 0.0, "psi": 1e9}, False)],
+)
+def test_monitor_retrains_only_past_a_threshold(smoke_run, thresholds, retrain):
+    from simulation.dataset import GeneratedDataset
+    from training.risk.retrain import check_champion
+
+    tmp, _ = smoke_run
+    uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
+    data = tmp / "data" / "smoke"
+    result = check_champion(
+        uri, "sim2real-segmenter", "sim2real-drive", GeneratedDataset(data / "real_test"),
+        GeneratedDataset(data / "real_train"), 11, thresholds,
+        ["experiment=finetune", "data=smoke"], str(tmp / "retrain"), dry_run=True,
+        drift_samples=24,
+    )  # fmt: skip
+    assert result.retrain is retrain
+    assert 0.0 <= result.accuracy <= 1.0
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.data.tags["decision"] == ("retrain" if retrain else "keep")
+    if retrain:
+        assert result.reasons[0].startswith("T-01 accuracy")
+        assert any(c.startswith("tracking.trigger='T-01 accuracy") for c in result.command)
+        assert "retrain_command" in run.data.tags
+
+
+def test_rollback_needs_a_previous_champion(smoke_run):
+    from training.risk.registry import ModelRegistry, RegistryError
+
+    tmp, _ = smoke_run
+    with pytest.raises(RegistryError, match="no previous champion"):
+        ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}").rollback()

@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,9 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
     if gen:
         ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
     datasets = build_datasets(cfg.data.datasets, taxonomy)
+    screening: dict[str, float] = {}
+    if cfg.risk.enabled and cfg.risk.screening:
+        datasets, screening = screen_training_data(datasets)
     results: dict[str, StageResult] = {}
     hashes: dict[str, str] = {}
     for name in names:
@@ -189,12 +193,42 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
         parent = hashes.get(init) if init in hashes else (init or None)
         hashes[name] = stage_hash(cfg, name, parent)
         init_ckpt = results[init].checkpoint if init in results else (Path(init) if init else None)
-        results[name] = run_stage(cfg, name, hashes[name], taxonomy, datasets, init_ckpt)
+        # T-09 references: the real mIoU of source_only (no adaptation) and oracle (all labels)
+        references = {
+            ref: results[ref].metrics["test/real/miou"]
+            for ref in ("source_only", "oracle")
+            if ref in results and "test/real/miou" in results[ref].metrics
+        }
+        results[name] = run_stage(cfg, name, hashes[name], taxonomy, datasets, init_ckpt,
+                                  screening, references)  # fmt: skip
     return results
 
 
+def screen_training_data(datasets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """T-10: screen the training sets once; a set that loses frames is wrapped so training
+    never sees them. Returns the datasets and ``risk/T-10/<role>/<reason>`` counts."""
+    from training.risk.screening import ScreenedDataset
+
+    out, figures = dict(datasets), {}
+    for role in ("sim_train", "real_train"):
+        ds = datasets.get(role)
+        if ds is None:
+            continue
+        screened = ScreenedDataset(ds)
+        for key, value in screened.result.metrics(prefix=f"risk/T-10/{role}/").items():
+            figures[key] = float(value)
+        dropped = len(ds) - len(screened)
+        if dropped:
+            log.warning("T-10: %d of %d %s frames dropped by screening: %s", dropped, len(ds),
+                        role, screened.result.counts)  # fmt: skip
+            out[role] = screened
+    return out, figures
+
+
 def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
-              datasets: Mapping[str, Any], init_ckpt: Path | None) -> StageResult:  # fmt: skip
+              datasets: Mapping[str, Any], init_ckpt: Path | None,
+              screening: Mapping[str, float] | None = None,
+              references: Mapping[str, float] | None = None) -> StageResult:  # fmt: skip
     """Fit, test and log one stage, resuming or skipping it by its folder's state."""
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -253,6 +287,8 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         "stage": name, "experiment": str(cfg.name), "config_hash": digest,
         "git_commit": tracking.git_commit(), "sweep_id": str(cfg.tracking.sweep_id or ""),
     }  # fmt: skip
+    if cfg.tracking.get("trigger"):
+        tags["trigger"] = str(cfg.tracking.trigger)
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{name}",
         tracking_uri=uri, tags=tags, run_id=run_id,
@@ -278,6 +314,10 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
                                  mode="max", save_last=True)  # fmt: skip
     make_trainer = instantiate_checked(cfg.trainer, _partial_=True)
     retries = int(cfg.retries)
+    from training.risk.gpu import GpuMonitor
+
+    gpu = GpuMonitor().start() if cfg.risk.enabled else None
+    started = time.perf_counter()
     for attempt in range(retries + 1):
         trainer = make_trainer(
             max_epochs=int(stage.max_epochs), logger=logger, callbacks=[checkpoint],
@@ -294,22 +334,117 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
             if is_zero:
                 logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
             if attempt == retries:
+                if gpu is not None:
+                    gpu.stop()
                 if is_zero:
                     logger.experiment.set_tag(run_id, "status", "failed")
+                    if cfg.risk.enabled:  # T-05: the job-failure alert, with its error
+                        failed = {"risk/T-05/job_failed": 1.0}
+                        _publish_risk(cfg, logger, run_id, name, run_dir, failed,
+                                      {"error": repr(exc)[:500]})  # fmt: skip
                 raise
             log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc, attempt + 1,
                         retries, last if last.exists() else "the start")  # fmt: skip
+    wall = time.perf_counter() - started
+    if gpu is not None:
+        gpu.stop()
     best = Path(checkpoint.best_model_path or ckpt_dir / "last.ckpt")
     trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False)
     metrics = {k: float(v) for k, v in task.results.items()}
+    if trainer.is_global_zero and cfg.risk.enabled:
+        metrics.update(_assess_risk(cfg, logger, run_id, name, run_dir, task, dm, datasets,
+                                    metrics, wall, trainer.world_size, gpu, screening,
+                                    references))  # fmt: skip
     if trainer.is_global_zero:
         logger.experiment.log_artifact(run_id, str(best), artifact_path="checkpoints")
         if cfg.log_model:
             tracking.log_model(run_id, task.model, int(cfg.data.image.height),
                                int(cfg.data.image.width))  # fmt: skip
+        if cfg.log_model and cfg.registry.enabled and name in cfg.registry.stages:
+            decision = register_and_compare(cfg, uri, run_id, dm, taxonomy.num_classes)
+            metrics.update(decision)
         published = Path(cfg.paths.output) / "models" / f"{cfg.name}-{name}.ckpt"
         published.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best, published)
         atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics})
     logger.finalize("success")
     return StageResult(name, run_dir, best, run_id, metrics)
+
+
+def _assess_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path, task: Any,
+                 dm: Any, datasets: Mapping[str, Any], metrics: Mapping[str, float],
+                 wall: float, devices: int, gpu: Any,
+                 screening: Mapping[str, float] | None,
+                 references: Mapping[str, float] | None) -> dict[str, float]:  # fmt: skip
+    """The register's monitors for a finished stage, published to its MLflow run."""
+    from training.risk.cost import CostTracker
+    from training.risk.monitor import StageEvidence, assess
+
+    risk = cfg.risk
+    sim_ratio = float(cfg.stages[name].sim_ratio)
+    reference = dm.sim_train if sim_ratio > 0 and dm.sim_train is not None else dm.real_subset
+    current = datasets.get("real_test") or datasets.get("real_val")
+    extra = dict(screening or {})
+    tags: dict[str, str] = {}
+    if gpu is not None:
+        extra.update(gpu.metrics())
+        tags.update(gpu.tags())
+    cost = CostTracker(Path(cfg.paths.output) / "cost_ledger.json",
+                       float(risk.cost.price_per_device_hour), float(risk.cost.daily_budget),
+                       currency=str(risk.cost.currency))  # fmt: skip
+    evidence = StageEvidence(
+        stage=name, test_metrics=metrics,
+        group_confusions=task.test_group_confusions.get("real", {}),
+        class_names=task.class_names, model=task.model, reference=reference, current=current,
+        wall_seconds=wall, devices=devices, extra=extra,
+    )  # fmt: skip
+    settings = {**dict(risk), "references": dict(references or {})}
+    figures = assess(evidence, settings, cost_tracker=cost, run_id=run_id)
+    _publish_risk(cfg, logger, run_id, name, run_dir, figures, tags, context=metrics)
+    return figures
+
+
+def _publish_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path,
+                  figures: Mapping[str, float], tags: Mapping[str, str],
+                  context: Mapping[str, float] | None = None) -> None:  # fmt: skip
+    from training.risk.monitor import publish
+
+    fired = publish(
+        logger.experiment, run_id, f"{cfg.name}/{name}", figures, run_dir, tags=tags,
+        register_path=cfg.risk.register, alerts_path=cfg.risk.alerts, context=context,
+    )  # fmt: skip
+    for alert in fired:
+        log.warning("ALERT %s (%s): %s", alert["rule"], alert["risk_id"], alert["message"])
+
+
+def register_and_compare(cfg: Any, uri: str, run_id: str, dm: Any,
+                         num_classes: int) -> dict[str, float]:  # fmt: skip
+    """Register the stage's model; a challenger is A/B-compared with the champion on the
+    real validation images and promoted only if it wins by the margin (T-01)."""
+    from mlflow.tracking import MlflowClient
+
+    from training.risk.registry import CHALLENGER, ModelRegistry, per_image_scores
+
+    reg = cfg.registry
+    registry = ModelRegistry(uri, name=str(reg.name))
+    version = registry.register(run_id)
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "registry/version", version)
+    if registry.aliases().get(CHALLENGER) != version:
+        client.set_tag(run_id, "registry/decision", "first_champion")
+        return {"registry/promoted": 1.0}
+    loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
+    loader = loaders.get("real") or loaders.get("sim")
+    comparison = registry.compare(
+        lambda model: per_image_scores(model, loader, num_classes, metric=str(reg.metric)),
+        margin=float(reg.margin), confidence=float(reg.confidence), seed=int(cfg.seed),
+    )  # fmt: skip
+    promoted = registry.promote(comparison)
+    client.set_tag(run_id, "registry/decision", "promoted" if promoted else "kept_champion")
+    log.info("registry %s: challenger v%s %s (diff %.4f, CI [%.4f, %.4f], margin %.3f)",
+             reg.name, version, "promoted" if promoted else "not promoted", comparison.diff,
+             comparison.ci_low, comparison.ci_high, comparison.margin)  # fmt: skip
+    return {
+        "registry/promoted": float(promoted), "registry/diff": comparison.diff,
+        "registry/ci_low": comparison.ci_low, "registry/ci_high": comparison.ci_high,
+    }  # fmt: skip

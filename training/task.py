@@ -79,6 +79,8 @@ class SegmentationTask(pl.LightningModule):
         self._examples: dict[str, tuple[torch.Tensor, ...]] = {}
         #: Latest computed figures by key (``val/real/miou``, ``test/gap/miou``, ...).
         self.results: dict[str, float] = {}
+        #: ``{domain: {group: (C, C) confusion}}`` of the last test run (fairness, T-08).
+        self.test_group_confusions: dict[str, dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ train
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +146,11 @@ class SegmentationTask(pl.LightningModule):
             per_domain[name] = values
             logged.update({f"{split}/{name}/{k}": v for k, v in values.items()})
             self._log_figures(split, name, self.metrics[name])
+            if split == "test":
+                groups = self.metrics[name].groups
+                self.test_group_confusions[name] = {
+                    g: m.confusion().cpu().numpy() for g, m in groups.items()
+                }
             self.metrics[name].reset()
         if "sim" in per_domain and "real" in per_domain:
             gap = sim_to_real_gap(per_domain["sim"], per_domain["real"], keys=GAP_KEYS)

@@ -119,7 +119,8 @@ def log_model(run_id: str, model: Any, height: int, width: int) -> None:
     from mlflow.models import infer_signature
 
     model = model.eval().cpu()
-    example = torch.rand(1, 3, height, width)
+    # batch 2: MLflow exports with torch.export, which would pin a batch of 1 as a constant
+    example = torch.rand(2, 3, height, width)
     with torch.no_grad():
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy().astype(np.float32))
