@@ -404,3 +404,24 @@ def test_describe_counts() -> None:
 def test_datamodule_validation_names_the_key(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _dm(**kwargs)
+
+
+class _GroupedSamples(TinySamples):
+    """TinySamples listing its groups, as a generated dataset does: 1 in 10 at night."""
+
+    @property
+    def groups(self) -> list[str]:
+        return ["night" if i % 10 == 0 else "day" for i in range(self.n)]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**super().__getitem__(i), "group": self.groups[i]}
+
+
+def test_group_balanced_loader_draws_rare_groups_as_often():
+    dm = _dm(sim_train=_GroupedSamples(100, 0), sim_ratio=1.0, batches_per_epoch=40,
+             group_balanced=True)  # fmt: skip
+    groups = [g for batch in dm.train_dataloader() for g in batch["group"]]
+    assert 0.4 < groups.count("night") / len(groups) < 0.6  # 10 % of the frames
+    plain = _dm(sim_train=_GroupedSamples(100, 0), sim_ratio=1.0, batches_per_epoch=40)
+    groups = [g for batch in plain.train_dataloader() for g in batch["group"]]
+    assert groups.count("night") / len(groups) == pytest.approx(0.1, abs=0.02)

@@ -237,3 +237,25 @@ def test_endless_sampler_yields_fresh_permutations_forever() -> None:
     assert list(itertools.islice(iter(sampler), 30)) != draws
     other_rank = EndlessShuffleSampler(6, seed=0, rank=1)
     assert list(itertools.islice(iter(other_rank), 30)) != draws
+
+
+def test_group_balanced_draws_equalize_condition_groups():
+    from collections import Counter
+
+    from training.sampler import group_balance_weights
+
+    groups = ["day-clear"] * 90 + ["night-fog"] * 10
+    w = group_balance_weights(groups)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] == pytest.approx(1 / 180) and w[-1] == pytest.approx(1 / 20)
+    sampler = ExactRatioBatchSampler(
+        num_sim=100, num_real=0, batch_size=20, sim_ratio=1.0, batches_per_epoch=200, seed=3,
+        sim_weights=w,
+    )  # fmt: skip
+    drawn = Counter(groups[i] for batch in sampler for i in batch)
+    share = drawn["night-fog"] / sum(drawn.values())
+    assert 0.45 < share < 0.55  # 10 % of the frames, half of the draws
+    again = ExactRatioBatchSampler(100, 0, 20, 1.0, 200, seed=3, sim_weights=w)
+    assert list(again) == list(sampler)  # still deterministic by seed and epoch
+    with pytest.raises(ValueError, match="sim sampling weights"):
+        ExactRatioBatchSampler(100, 0, 20, 1.0, 5, sim_weights=w[:50])

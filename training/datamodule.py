@@ -30,6 +30,7 @@ from training.sampler import (
     _check_seed,
     _check_unit,
     batch_composition,
+    group_balance_weights,
     rank_and_world_size,
     real_subset_indices,
 )
@@ -177,8 +178,10 @@ class SimRealDataModule(pl.LightningDataModule):
         seed: int = 0,
         augment: Augment | None = None,
         pin_memory: bool = False,
+        group_balanced: bool = False,
     ) -> None:
         super().__init__()
+        self.group_balanced = bool(group_balanced)
         self.sim_ratio = _check_unit(sim_ratio, "data.sim_ratio")
         self.real_fraction = _check_unit(real_fraction, "data.real_fraction")
         self.batch_size = _check_count(batch_size, "data.batch_size", 1)
@@ -278,7 +281,27 @@ class SimRealDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             yield_epoch=self.augment is not None,
+            **self._group_weights(),
         )
+
+    def _group_weights(self) -> dict[str, Any]:
+        """Per-image sampling weights that balance condition groups (risk T-08), from the
+        datasets' ``groups`` lists (generated datasets have them; others count as one group)."""
+        if not self.group_balanced:
+            return {}
+
+        def groups_of(ds: Any, indices: list[int] | None = None) -> list[str]:
+            names = list(getattr(ds, "groups", None) or ["unknown"] * len(ds))
+            return [names[i] for i in indices] if indices is not None else names
+
+        out: dict[str, Any] = {}
+        if self.num_sim_train:
+            out["sim_weights"] = group_balance_weights(groups_of(self.sim_train))
+        if self.num_real_labelled:
+            out["real_weights"] = group_balance_weights(
+                groups_of(self.real_train, self.real_train_indices)
+            )
+        return out
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -30,6 +30,7 @@ __all__ = [
     "EndlessShuffleSampler",
     "ExactRatioBatchSampler",
     "batch_composition",
+    "group_balance_weights",
     "rank_and_world_size",
     "real_subset_indices",
 ]
@@ -129,6 +130,15 @@ def real_subset_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(int(i) for i in perm[:k])
 
 
+def _check_weights(weights: np.ndarray | None, n: int, domain: str) -> np.ndarray | None:
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"{domain} sampling weights: expected {n} non-negative numbers")
+    return w / w.sum()
+
+
 def rank_and_world_size() -> tuple[int, int]:
     """``(rank, world_size)`` of the initialized default process group, else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -136,15 +146,31 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _domain_stream(n: int, count: int, seed: int, epoch: int, stream: int) -> np.ndarray:
+def group_balance_weights(groups: list[str]) -> np.ndarray:
+    """Sampling weights that give every condition group the same share of draws:
+    ``w_i = 1 / count(group_i)``, normalized (risk T-08's group-balanced sampling)."""
+    if not groups:
+        return np.empty(0)
+    names, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    w = 1.0 / counts[inverse]
+    return w / w.sum()
+
+
+def _domain_stream(n: int, count: int, seed: int, epoch: int, stream: int,
+                   weights: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """The first ``count`` draws of one domain in one epoch, ``(count,) int64`` in [0, n).
 
     Concatenated permutations of ``range(n)``: permutation ``c`` (the ``c``-th pass over the
     pool) depends only on ``(seed, epoch, stream, c)``, so no index repeats before the pool
-    is exhausted and every rank builds the identical stream.
+    is exhausted and every rank builds the identical stream. With ``weights`` (group
+    balancing) the draws are instead i.i.d. with those probabilities -- balancing rare
+    groups means repeating their frames within an epoch.
     """
     if count == 0:
         return np.empty(0, dtype=np.int64)
+    if weights is not None:
+        rng = np.random.default_rng([seed, epoch, stream, 0])
+        return rng.choice(n, size=count, replace=True, p=weights).astype(np.int64)
     cycles = math.ceil(count / n)
     perms = [np.random.default_rng([seed, epoch, stream, c]).permutation(n) for c in range(cycles)]
     return np.concatenate(perms)[:count].astype(np.int64, copy=False)
@@ -203,6 +229,8 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         yield_epoch: bool = False,
+        sim_weights: np.ndarray | None = None,
+        real_weights: np.ndarray | None = None,
     ) -> None:
         self.n_sim, self.n_real = batch_composition(batch_size, sim_ratio)
         self.batch_size = int(batch_size)
@@ -229,6 +257,8 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
             )
         self.yield_epoch = bool(yield_epoch)
         self.epoch = 0
+        self.sim_weights = _check_weights(sim_weights, self.num_sim, "sim")
+        self.real_weights = _check_weights(real_weights, self.num_real, "real")
 
     @property
     def sampler(self) -> ExactRatioBatchSampler:
@@ -268,8 +298,10 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         # Built once per epoch for the whole global stream: its size is what all ranks
         # draw together (batches * world * batch_size), small next to the images.
         total = self._num_global
-        sim = _domain_stream(self.num_sim, total * self.n_sim, self.seed, epoch, _SIM_STREAM)
-        real = _domain_stream(self.num_real, total * self.n_real, self.seed, epoch, _REAL_STREAM)
+        sim = _domain_stream(self.num_sim, total * self.n_sim, self.seed, epoch, _SIM_STREAM,
+                             self.sim_weights)  # fmt: skip
+        real = _domain_stream(self.num_real, total * self.n_real, self.seed, epoch, _REAL_STREAM,
+                              self.real_weights)  # fmt: skip
         return sim, real
 
     def _batch(self, g: int, sim: np.ndarray, real: np.ndarray, epoch: int) -> list[int]:

@@ -379,6 +379,14 @@ class ScreenedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.dataset[self.kept_indices[index]]
 
+    @property
+    def groups(self) -> list[str]:
+        """Condition group of each kept frame (when the wrapped dataset lists them)."""
+        names = getattr(self.dataset, "groups", None)
+        if names is None:
+            raise AttributeError("groups")
+        return [names[i] for i in self.kept_indices]
+
     def __getattr__(self, name: str) -> Any:
         # the wrapped dataset's card, root, name ... stay visible (lineage, class weights)
         if name.startswith("_") or name in ("dataset", "kept_indices", "result"):
