@@ -54,7 +54,7 @@ def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
     tmp, results = smoke_run
     client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sim2real-drive")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage != 'monitor'")
     assert {r.data.tags["stage"] for r in runs} == {"source_only", "finetune"}
     run = client.get_run(results["finetune"].run_id)
     metrics = run.data.metrics
@@ -105,7 +105,9 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert again["finetune"].run_id == results["finetune"].run_id
     client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sim2real-drive")
-    assert len(client.search_runs([exp.experiment_id])) == 2
+    assert (
+        len(client.search_runs([exp.experiment_id], filter_string="tags.stage != 'monitor'")) == 2
+    )
 
 
 def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
@@ -309,3 +311,57 @@ def test_rollback_needs_a_previous_champion(smoke_run):
     tmp, _ = smoke_run
     with pytest.raises(RegistryError, match="no previous champion"):
         ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}").rollback()
+
+
+def test_failed_stage_raises_the_job_failure_alert(tmp_path, monkeypatch):
+    from training.task import SegmentationTask
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def broken(self, batch, batch_idx):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SegmentationTask, "training_step", broken)
+    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=0",
+                       "log_model=false")  # fmt: skip
+    with pytest.raises(OSError, match="disk full"):
+        run_train(cfg)
+    run_dir = next((tmp_path / "out" / "runs").iterdir())
+    alerts = [json.loads(x) for x in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    failed = [a for a in alerts if a["risk_id"] == "T-05"]
+    assert failed and failed[0]["fired"] and failed[0]["value"] == 1.0
+    run = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(
+        (run_dir / "mlflow_run_id.txt").read_text()
+    )
+    assert run.data.tags["status"] == "failed" and "disk full" in run.data.tags["error"]
+    assert "training_job_failed" in run.data.tags["risk/alerts_fired"]
+
+
+def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smoke_run):
+    from simulation.dataset import GeneratedDataset
+    from training.risk.registry import ModelRegistry
+    from training.risk.retrain import check_champion
+
+    tmp, _ = smoke_run
+    uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
+    data = tmp / "data" / "smoke"
+    result = check_champion(
+        uri, "sim2real-segmenter", "sim2real-drive", GeneratedDataset(data / "real_test"),
+        GeneratedDataset(data / "real_train"), 11, {"accuracy": 0.99, "psi": 1e9},
+        ["experiment=smoke", f"paths.data={tmp / 'data'}", "stages.source_only.max_epochs=1",
+         f"data.datasets.real_train.root={data / 'real_test'}"],
+        str(tmp / "out"), drift_samples=24,
+    )  # fmt: skip
+    assert result.returncode == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id],
+                              filter_string="tags.trigger LIKE 'T-01%'")  # fmt: skip
+    # the two training runs record why they ran; the monitor's own run records the decision
+    assert {r.data.tags["stage"] for r in runs} - {"monitor"} == {"source_only", "finetune"}
+    monitor = client.get_run(result.run_id)
+    assert monitor.data.tags["decision"] == "retrain"
+    assert monitor.data.tags["retrain_returncode"] == "0"
+    versions = ModelRegistry(uri).describe()["versions"]
+    assert len(versions) == 2  # the retrained model was registered and compared
+    finetune = [r for r in runs if r.data.tags["stage"] == "finetune"][0]
+    assert finetune.data.tags["registry/decision"] in {"promoted", "kept_champion"}
