@@ -4,10 +4,9 @@ configs/monitor.yaml."""
 from __future__ import annotations
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from simulation.configuration import ConfigError
+from simulation.configuration import ConfigError, instantiate_checked
 from training.risk.registry import ModelRegistry
 from training.risk.retrain import check_champion
 from training.tracking import tracking_uri
@@ -22,9 +21,9 @@ def main(cfg: DictConfig) -> None:
         return
     if cfg.action != "check":
         raise ConfigError(f"action: expected 'check' or 'rollback', got {cfg.action!r}")
-    taxonomy = instantiate(cfg.taxonomy)
-    current = instantiate(cfg.current, expected_taxonomy_hash=taxonomy.hash)
-    reference = instantiate(cfg.reference, expected_taxonomy_hash=taxonomy.hash)
+    taxonomy = instantiate_checked(cfg.taxonomy)
+    current = instantiate_checked(cfg.current, expected_taxonomy_hash=taxonomy.hash)
+    reference = instantiate_checked(cfg.reference, expected_taxonomy_hash=taxonomy.hash)
     result = check_champion(
         uri, cfg.registry.name, cfg.tracking.experiment, current, reference,
         taxonomy.num_classes, dict(cfg.thresholds), list(cfg.retrain.overrides),

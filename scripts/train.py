@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from simulation.dataset import atomic_write_text
 from training.report import results_table
 from training.run import run_train
+from training.tracking import redact, tracking_uri
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -25,13 +26,13 @@ def main(cfg: DictConfig) -> None:
     if rank_zero_only.rank != 0:  # under DDP every rank runs this script; one reports
         return
     table = results_table(results)
-    out = Path(cfg.paths.output) / f"{cfg.name}-results.md"
+    # one results file per sweep job, so the jobs of a -m launch never overwrite each other
+    job = f"-{cfg.tracking.sweep_id}-{hc.job.num}" if hc.mode == RunMode.MULTIRUN else ""
+    out = Path(cfg.paths.output) / f"{cfg.name}{job}-results.md"
     atomic_write_text(out, table + "\n")
     print(table)
-    print(
-        f"\nsaved to {out}; browse the runs with:  mlflow ui --backend-store-uri "
-        f"sqlite:///{(Path(cfg.paths.output) / 'mlflow.db').resolve()}"
-    )
+    uri = redact(tracking_uri(cfg.paths.output, cfg.tracking.uri))
+    print(f"\nsaved to {out}; browse the runs with:  mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -196,7 +196,11 @@ def test_transient_failure_is_retried(tmp_path, monkeypatch):
         ("stages.source_only.real_fraction=-0.1", ConfigError, "real_fraction"),
         ("+stages.source_only.lr=0.1", ConfigError, "stages.source_only.lr: unknown key"),
         ("stages.finetune.init=nowhere.ckpt", ConfigError, "stages.finetune.init"),
-        ("data.datasets.sim_train.root=/does/not/exist", DatasetError, "/does/not/exist"),
+        (
+            "data.datasets.sim_train.root=/does/not/exist",
+            ConfigError,
+            "data.datasets.sim_train: /does/not/exist",
+        ),
     ],
 )
 def test_bad_input_stops_before_training(smoke_run, override, error, match):
@@ -216,7 +220,8 @@ def test_real_fraction_leaving_no_real_images(smoke_run):
 
 def test_taxonomy_mismatch_is_refused(smoke_run):
     tmp, _ = smoke_run
-    with pytest.raises(DatasetError, match="taxonomy hash"):
+    # the generated splits were made with the other taxonomy: refused, never reused
+    with pytest.raises(DatasetError, match="generation.json.*fingerprint.taxonomy_hash"):
         run_train(smoke_config(tmp, "taxonomy.colors.0=[1,2,3]",
                                "paths.output=" + str(tmp / "bad3")))  # fmt: skip
 
@@ -272,7 +277,7 @@ def test_finetuned_model_is_registered_champion(smoke_run):
     from training.risk.registry import ModelRegistry
 
     tmp, results = smoke_run
-    registry = ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
+    registry = ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}", "sim2real-segmenter-smoke")
     assert registry.aliases()["champion"] == "1"
     run = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}").get_run(results["finetune"].run_id)
     assert run.data.tags["registry/decision"] == "first_champion"
@@ -290,7 +295,7 @@ def test_monitor_retrains_only_past_a_threshold(smoke_run, thresholds, retrain):
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
     data = tmp / "data" / "smoke"
     result = check_champion(
-        uri, "sim2real-segmenter", "sim2real-drive", GeneratedDataset(data / "real_test"),
+        uri, "sim2real-segmenter-smoke", "sim2real-drive", GeneratedDataset(data / "real_test"),
         GeneratedDataset(data / "real_train"), 11, thresholds,
         ["experiment=finetune", "data=smoke"], str(tmp / "retrain"), dry_run=True,
         drift_samples=24,
@@ -310,7 +315,9 @@ def test_rollback_needs_a_previous_champion(smoke_run):
 
     tmp, _ = smoke_run
     with pytest.raises(RegistryError, match="no previous champion"):
-        ModelRegistry(f"sqlite:///{tmp / 'out' / 'mlflow.db'}").rollback()
+        ModelRegistry(
+            f"sqlite:///{tmp / 'out' / 'mlflow.db'}", "sim2real-segmenter-smoke"
+        ).rollback()
 
 
 def test_failed_stage_raises_the_job_failure_alert(tmp_path, monkeypatch):
@@ -346,7 +353,7 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
     data = tmp / "data" / "smoke"
     result = check_champion(
-        uri, "sim2real-segmenter", "sim2real-drive", GeneratedDataset(data / "real_test"),
+        uri, "sim2real-segmenter-smoke", "sim2real-drive", GeneratedDataset(data / "real_test"),
         GeneratedDataset(data / "real_train"), 11, {"accuracy": 0.99, "psi": 1e9},
         ["experiment=smoke", f"paths.data={tmp / 'data'}", "stages.source_only.max_epochs=1",
          f"data.datasets.real_train.root={data / 'real_test'}"],
@@ -361,7 +368,7 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
     monitor = client.get_run(result.run_id)
     assert monitor.data.tags["decision"] == "retrain"
     assert monitor.data.tags["retrain_returncode"] == "0"
-    versions = ModelRegistry(uri).describe()["versions"]
+    versions = ModelRegistry(uri, "sim2real-segmenter-smoke").describe()["versions"]
     assert len(versions) == 2  # the retrained model was registered and compared
     finetune = [r for r in runs if r.data.tags["stage"] == "finetune"][0]
     assert finetune.data.tags["registry/decision"] in {"promoted", "kept_champion"}

@@ -67,10 +67,9 @@ def ensure_procedural_datasets(gen: Mapping[str, Any], image: Mapping[str, int],
         raise ConfigError(f"data.generate.randomization: unknown preset '{gen['randomization']}'")
     for split, spec in gen["splits"].items():
         root = Path(gen["root"]) / split
-        if (root / "card.json").exists():
-            continue
-        log.info("generating %s (%s, %d frames) into %s", split, spec["style"],
-                 spec["num_frames"], root)  # fmt: skip
+        # run_generate compares the folder's generation.json with this config: a complete
+        # matching dataset costs nothing, a changed one is refused instead of reused stale
+        log.info("dataset %s (%s, %d frames): %s", split, spec["style"], spec["num_frames"], root)
         cfg = OmegaConf.create(
             {
                 "name": split, "seed": spec["seed"], "num_frames": spec["num_frames"],
@@ -84,6 +83,15 @@ def ensure_procedural_datasets(gen: Mapping[str, Any], image: Mapping[str, int],
             }
         )  # fmt: skip
         run_generate(cfg)
+
+
+def _wait_for_datasets(gen: Mapping[str, Any], timeout_s: float = 6 * 3600) -> None:
+    deadline = time.monotonic() + timeout_s
+    cards = [Path(gen["root"]) / split / "card.json" for split in gen["splits"]]
+    while not all(c.exists() for c in cards):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"data.generate: rank zero did not finish {gen['root']} in time")
+        time.sleep(2.0)
 
 
 def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
@@ -104,19 +112,21 @@ def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, An
         try:
             out[role] = factory(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise type(exc)(f"data.datasets.{role}: {exc}") from None
+            raise ConfigError(f"data.datasets.{role}: {exc}") from exc
     return out
 
 
-def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float, n: int) -> np.ndarray:
+def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float,
+                       class_names: list[str]) -> np.ndarray:  # fmt: skip
     """Training-label pixel counts per class, from the dataset cards (no pass over data):
     the sim training set when the stage uses sim, else the real one, else uniform."""
     order = ("sim_train", "real_train") if sim_ratio > 0 else ("real_train", "sim_train")
     for role in order:
         card = getattr(datasets.get(role), "card", None)
         if card and "class_pixel_histogram" in card:
-            return np.asarray(list(card["class_pixel_histogram"].values())[:n], dtype=np.float64)
-    return np.ones(n)
+            hist = card["class_pixel_histogram"]
+            return np.asarray([hist.get(c, 0) for c in class_names], dtype=np.float64)
+    return np.ones(len(class_names))
 
 
 # --------------------------------------------------------------------------- stages
@@ -131,6 +141,10 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
         k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
         if k in ("precision", "accumulate_grad_batches", "gradient_clip_val")
     }  # fmt: skip
+    # the global batch and the sample order depend on how many processes train
+    blob["world_size"] = int(cfg.trainer.get("devices", 1) or 1) * int(
+        cfg.trainer.get("num_nodes", 1) or 1
+    )
     blob["parent"] = parent_hash
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -147,8 +161,16 @@ def check_stages(cfg: Any) -> list[str]:
     if not cfg.get("stages"):
         raise ConfigError("stages: no stage to run; pick an experiment (experiment=finetune)")
     names = list(cfg.stages)
+    retries = cfg.get("retries")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"retries: expected a whole number >= 0, got {retries!r}")
     for i, name in enumerate(names):
         stage = cfg.stages[name]
+        epochs = stage.get("max_epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(
+                f"stages.{name}.max_epochs: expected a whole number >= 1, got {epochs!r}"
+            )
         unknown = sorted(set(stage) - STAGE_KEYS)
         if unknown:
             raise ConfigError(
@@ -180,7 +202,12 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
     taxonomy: Taxonomy = instantiate_checked(cfg.taxonomy)
     gen = cfg.data.get("generate")
     if gen:
-        ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
+        else:  # torchrun / SLURM start every rank at once: only rank zero renders
+            _wait_for_datasets(gen)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
     screening: dict[str, float] = {}
     if cfg.risk.enabled and cfg.risk.screening:
@@ -263,7 +290,7 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     model = instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
     if init_ckpt is not None:
         load_checkpoint_weights(model, init_ckpt, key=f"stages.{name}.init")
-    counts = class_pixel_counts(datasets, float(stage.sim_ratio), taxonomy.num_classes)
+    counts = class_pixel_counts(datasets, float(stage.sim_ratio), list(taxonomy.classes))
     weights = class_weights_from_histogram(counts, method=cfg.loss.class_weighting)
     loss = SegmentationLoss(taxonomy.num_classes, weights,
                             label_smoothing=float(cfg.loss.label_smoothing))  # fmt: skip
@@ -299,11 +326,12 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     if is_zero:
         run_id_file.write_text(run_id)
     if fresh and is_zero:
-        params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+        logged_cfg = tracking.redact(OmegaConf.to_container(cfg, resolve=True))
+        params = tracking.flatten(logged_cfg)
         params.update(tracking.flatten({"stage": {"name": name, **dm.describe()}}))
         logger.log_hyperparams(params)
         config_file = run_dir / "config.yaml"
-        config_file.write_text(OmegaConf.to_yaml(cfg))
+        config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(logged_cfg)))
         logger.experiment.log_artifact(run_id, str(config_file))
         roles = {r: ds for r, ds in datasets.items() if ds is not None}
         tracking.log_dataset_inputs(logger.experiment, run_id, roles)
@@ -318,57 +346,83 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
 
     gpu = GpuMonitor().start() if cfg.risk.enabled else None
     started = time.perf_counter()
-    for attempt in range(retries + 1):
-        trainer = make_trainer(
-            max_epochs=int(stage.max_epochs), logger=logger, callbacks=[checkpoint],
-            default_root_dir=str(run_dir), use_distributed_sampler=False,
-            enable_progress_bar=bool(cfg.progress),
-        )  # fmt: skip
-        last = ckpt_dir / "last.ckpt"
-        try:
-            trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
-            break
-        except (KeyboardInterrupt, ConfigError):
-            raise
-        except Exception as exc:  # a transient failure: resume from the last checkpoint
-            if is_zero:
-                logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
-            if attempt == retries:
-                if gpu is not None:
-                    gpu.stop()
-                if is_zero:
-                    logger.experiment.set_tag(run_id, "status", "failed")
-                    if cfg.risk.enabled:  # T-05: the job-failure alert, with its error
-                        failed = {"risk/T-05/job_failed": 1.0}
-                        _publish_risk(cfg, logger, run_id, name, run_dir, failed,
-                                      {"error": repr(exc)[:500]})  # fmt: skip
+    try:
+        for attempt in range(retries + 1):
+            trainer = make_trainer(
+                max_epochs=int(stage.max_epochs), logger=logger, callbacks=[checkpoint],
+                default_root_dir=str(run_dir), use_distributed_sampler=False,
+                enable_progress_bar=bool(cfg.progress),
+            )  # fmt: skip
+            last = ckpt_dir / "last.ckpt"
+            try:
+                trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last.exists() else None,
+                            weights_only=True)  # fmt: skip
+                break
+            except (KeyboardInterrupt, ConfigError):
                 raise
-            log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc, attempt + 1,
-                        retries, last if last.exists() else "the start")  # fmt: skip
-    wall = time.perf_counter() - started
-    if gpu is not None:
-        gpu.stop()
-    best = Path(checkpoint.best_model_path or ckpt_dir / "last.ckpt")
-    trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False)
-    metrics = {k: float(v) for k, v in task.results.items()}
-    if trainer.is_global_zero and cfg.risk.enabled:
-        metrics.update(_assess_risk(cfg, logger, run_id, name, run_dir, task, dm, datasets,
-                                    metrics, wall, trainer.world_size, gpu, screening,
-                                    references))  # fmt: skip
-    if trainer.is_global_zero:
-        logger.experiment.log_artifact(run_id, str(best), artifact_path="checkpoints")
-        if cfg.log_model:
-            tracking.log_model(run_id, task.model, int(cfg.data.image.height),
-                               int(cfg.data.image.width))  # fmt: skip
-        if cfg.log_model and cfg.registry.enabled and name in cfg.registry.stages:
-            decision = register_and_compare(cfg, uri, run_id, dm, taxonomy.num_classes)
-            metrics.update(decision)
-        published = Path(cfg.paths.output) / "models" / f"{cfg.name}-{name}.ckpt"
-        published.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best, published)
-        atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics})
+            except Exception as exc:  # a transient failure: resume from the last checkpoint
+                if is_zero:
+                    logger.experiment.set_tag(run_id, f"failure_{attempt}", repr(exc)[:500])
+                if attempt == retries:
+                    if is_zero:
+                        _mark_failed(cfg, logger, run_id, name, run_dir, exc)
+                    raise
+                since = last if last.exists() else "the start"
+                log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc,
+                            attempt + 1, retries, since)  # fmt: skip
+    finally:
+        if gpu is not None:
+            gpu.stop()
+        wall = _add_wall_time(run_dir, time.perf_counter() - started)
+    try:
+        best = Path(checkpoint.best_model_path or ckpt_dir / "last.ckpt")
+        trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+        metrics = {k: float(v) for k, v in task.results.items()}
+        if trainer.is_global_zero and cfg.risk.enabled:
+            metrics.update(_assess_risk(cfg, logger, run_id, name, run_dir, task, dm, datasets,
+                                        metrics, wall, trainer.world_size, gpu, screening,
+                                        references))  # fmt: skip
+        if trainer.is_global_zero:
+            logger.experiment.log_artifact(run_id, str(best), artifact_path="checkpoints")
+            if cfg.log_model:
+                tracking.log_model(run_id, task.model, int(cfg.data.image.height),
+                                   int(cfg.data.image.width), uri=uri)  # fmt: skip
+            if cfg.log_model and cfg.registry.enabled and name in cfg.registry.stages:
+                decision = register_and_compare(cfg, uri, run_id, dm, taxonomy.num_classes)
+                metrics.update(decision)
+            published = Path(cfg.paths.output) / "models" / f"{cfg.name}-{name}-{digest}.ckpt"
+            published.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best, published)
+            atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics})
+    except Exception as exc:  # evaluation, risk or registry failed: the run is not done
+        if trainer.is_global_zero:
+            _mark_failed(cfg, logger, run_id, name, run_dir, exc)
+        raise
     logger.finalize("success")
     return StageResult(name, run_dir, best, run_id, metrics)
+
+
+def _mark_failed(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path,
+                 exc: BaseException) -> None:  # fmt: skip
+    """Tag the run failed and raise the job-failure alert (T-05) with the error; an error
+    while reporting is logged, never allowed to hide the original one."""
+    try:
+        logger.experiment.set_tag(run_id, "status", "failed")
+        if cfg.risk.enabled:
+            _publish_risk(cfg, logger, run_id, name, run_dir, {"risk/T-05/job_failed": 1.0},
+                          {"error": repr(exc)[:500]})  # fmt: skip
+        logger.finalize("failed")
+    except Exception as report_error:  # noqa: BLE001 - the training error matters more
+        log.error("could not report the failure of stage %s: %s", name, report_error)
+
+
+def _add_wall_time(run_dir: Path, seconds: float) -> float:
+    """Training seconds of this stage over all its sessions (a resumed stage costs what
+    every session spent, O-01); kept in the stage folder."""
+    path = run_dir / "wall_seconds.txt"
+    total = (float(path.read_text()) if path.exists() else 0.0) + seconds
+    path.write_text(f"{total:.3f}")
+    return total
 
 
 def _assess_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path, task: Any,
@@ -427,8 +481,10 @@ def register_and_compare(cfg: Any, uri: str, run_id: str, dm: Any,
 
     reg = cfg.registry
     registry = ModelRegistry(uri, name=str(reg.name))
-    version = registry.register(run_id)
     client = MlflowClient(uri)
+    if "registry/version" in client.get_run(run_id).data.tags:
+        return {}  # a rerun after a crash past registration: never register twice
+    version = registry.register(run_id)
     client.set_tag(run_id, "registry/version", version)
     if registry.aliases().get(CHALLENGER) != version:
         client.set_tag(run_id, "registry/decision", "first_champion")
@@ -436,7 +492,8 @@ def register_and_compare(cfg: Any, uri: str, run_id: str, dm: Any,
     loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
     loader = loaders.get("real") or loaders.get("sim")
     comparison = registry.compare(
-        lambda model: per_image_scores(model, loader, num_classes, metric=str(reg.metric)),
+        lambda model: per_image_scores(model, loader, num_classes, metric=str(reg.metric),
+                                       batch_forward=True),
         margin=float(reg.margin), confidence=float(reg.confidence), seed=int(cfg.seed),
     )  # fmt: skip
     promoted = registry.promote(comparison)

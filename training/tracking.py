@@ -56,6 +56,20 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def redact(config: Any) -> Any:
+    """A copy of a plain config with ``user:password@`` removed from every URI in it, so
+    a tracking server's credentials never reach MLflow parameters or ``config.yaml``."""
+    import re
+
+    if isinstance(config, Mapping):
+        return {k: redact(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    if isinstance(config, str):
+        return re.sub(r"(?<=://)[^/@\s]+@", "", config)
+    return config
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> ``{"a.b.c": "value"}`` within MLflow's parameter limits."""
     out: dict[str, str] = {}
@@ -111,14 +125,22 @@ def log_dataset_inputs(client: Any, run_id: str, datasets: Mapping[str, Any]) ->
         client.log_inputs(run_id, datasets=inputs)
 
 
-def log_model(run_id: str, model: Any, height: int, width: int) -> None:
-    """Log the task model with its signature: ``(B, 3, H, W) float32 -> (B, C, H, W)``."""
+def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None = None) -> None:
+    """Log the task model with its signature: ``(B, 3, H, W) float32 -> (B, C, H, W)``.
+
+    The export fixes H and W (and leaves the batch free): one registered model serves one
+    input size.
+    """
+    import copy
+
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
-    model = model.eval().cpu()
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    model = copy.deepcopy(model).eval().cpu().to(memory_format=torch.contiguous_format)
     # batch 2: MLflow exports with torch.export, which would pin a batch of 1 as a constant
     example = torch.rand(2, 3, height, width)
     with torch.no_grad():

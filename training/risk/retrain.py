@@ -53,11 +53,19 @@ def decide(accuracy: float, psi: float, accuracy_min: float, psi_max: float) -> 
     return reasons
 
 
-def retrain_command(overrides: Sequence[str], reasons: Sequence[str], output: str) -> list[str]:
-    """The ``scripts/train.py`` command that fine-tunes on the new data, tagged with why."""
+def retrain_command(overrides: Sequence[str], reasons: Sequence[str], output: str,
+                    tracking_uri: str | None = None,
+                    registry_name: str | None = None) -> list[str]:  # fmt: skip
+    """The ``scripts/train.py`` command that fine-tunes on the new data, tagged with why,
+    writing to the same tracking store and registered model as the champion it watches."""
     why = "; ".join(reasons).replace("'", "")
-    return [sys.executable, str(SCRIPTS / "train.py"), *overrides, f"paths.output={output}",
-            f"tracking.trigger='{why}'"]  # fmt: skip
+    cmd = [sys.executable, str(SCRIPTS / "train.py"), *overrides, f"paths.output={output}",
+           f"tracking.trigger='{why}'"]  # fmt: skip
+    if tracking_uri:
+        cmd.append(f"tracking.uri='{tracking_uri}'")
+    if registry_name:
+        cmd.append(f"registry.name={registry_name}")
+    return cmd
 
 
 def check_champion(
@@ -121,7 +129,8 @@ def check_champion(
     client.set_tag(result.run_id, "decision", "retrain" if reasons else "keep")
     client.set_tag(result.run_id, "trigger", "; ".join(reasons) or "none")
     if result.retrain:
-        result.command = retrain_command(retrain_overrides, reasons, output_dir)
+        result.command = retrain_command(retrain_overrides, reasons, output_dir,
+                                         tracking_uri, registry_name)  # fmt: skip
         client.set_tag(result.run_id, "retrain_command", shlex.join(result.command)[:5000])
         if not dry_run:
             log.warning("retraining: %s", "; ".join(reasons))
