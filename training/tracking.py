@@ -21,12 +21,13 @@ _MAX_KEY, _MAX_VALUE = 250, 6000
 
 
 def tracking_uri(output_dir: str | os.PathLike[str], configured: str | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``configured``, else SQLite in ``output_dir``."""
+    """``configured`` (``tracking.uri``) if given, else ``MLFLOW_TRACKING_URI`` if set, else
+    SQLite in ``output_dir``: an explicit setting beats the environment."""
+    if configured:
+        return str(configured)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    if configured:
-        return str(configured)
     root = Path(output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
@@ -138,14 +139,32 @@ def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None 
     import torch
     from mlflow.models import infer_signature
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
     model = copy.deepcopy(model).eval().cpu().to(memory_format=torch.contiguous_format)
     # batch 2: MLflow exports with torch.export, which would pin a batch of 1 as a constant
     example = torch.rand(2, 3, height, width)
     with torch.no_grad():
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy().astype(np.float32))
+    # mlflow.start_run reads the process-wide URI (and set_tracking_uri also exports it to
+    # MLFLOW_TRACKING_URI): set it for this call only and put everything back afterwards
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    try:
+        _log_model(run_id, model, signature, example)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def _log_model(run_id: str, model: Any, signature: Any, example: Any) -> None:
+    import mlflow
+    import torch
+
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             model,
