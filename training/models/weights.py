@@ -18,15 +18,17 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from simulation.dataset import atomic_write_bytes
 
 __all__ = [
     "CheckpointError",
@@ -223,14 +225,6 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike[str]) -> None:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # pid + random: concurrent writers (or a killed one) never share a temporary name.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
