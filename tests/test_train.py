@@ -372,3 +372,29 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
     assert len(versions) == 2  # the retrained model was registered and compared
     finetune = [r for r in runs if r.data.tags["stage"] == "finetune"][0]
     assert finetune.data.tags["registry/decision"] in {"promoted", "kept_champion"}
+
+
+def test_dann_adapts_the_pretraining_stage(smoke_run, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tmp, plain = smoke_run
+    out = tmp / "dann"
+    cfg = smoke_config(tmp, "adaptation=dann", f"paths.output={out}",
+                       "stages.source_only.max_epochs=1", "log_model=false")  # fmt: skip
+    results = run_train(cfg)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    src = client.get_run(results["source_only"].run_id).data.metrics
+    fin = client.get_run(results["finetune"].run_id).data.metrics
+    assert {"train/dann/loss", "train/dann/domain_acc", "train/dann/lambda"} <= set(src)
+    assert 0.0 < src["train/dann/lambda"] < 1.0
+    assert "train/dann/loss" not in fin  # the 90/10 finetune that follows is plain
+    for m in (src, fin):
+        assert 0.0 <= m["test/gap/proxy_a_distance"] <= 2.0
+    # DANN is part of what the stage is: it never reuses the plain stage's folder
+    assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
+
+
+def test_unknown_adaptation_method_is_refused(smoke_run):
+    tmp, _ = smoke_run
+    with pytest.raises(ConfigError, match="adaptation.method: expected 'none' or 'dann'"):
+        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.method=cyclegan",
+                               "paths.output=" + str(tmp / "bad5")))  # fmt: skip

@@ -135,6 +135,7 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
     from omegaconf import OmegaConf
 
     keys = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
+    adaptation = cfg.get("adaptation") or {}
     blob = {k: _plain(cfg.get(k)) for k in keys}
     blob["stage"] = _plain(cfg.stages[stage])
     blob["trainer"] = {
@@ -145,6 +146,8 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
     blob["world_size"] = int(cfg.trainer.get("devices", 1) or 1) * int(
         cfg.trainer.get("num_nodes", 1) or 1
     )
+    if stage in (adaptation.get("stages") or []):
+        blob["adaptation"] = _plain(adaptation)
     blob["parent"] = parent_hash
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -296,10 +299,11 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
                             label_smoothing=float(cfg.loss.label_smoothing))  # fmt: skip
     groups = sorted({g for ds in datasets.values() if ds is not None
                      for g in (getattr(ds, "card", None) or {}).get("groups", {})})  # fmt: skip
+    adaptation = _adaptation(cfg, name, model, dm)
     task = SegmentationTask(
         model, loss, taxonomy.classes, taxonomy.palette(), instantiate_checked(cfg.optimizer),
         warmup_fraction=float(cfg.warmup_fraction), groups=groups or None,
-        val_names=dm.val_names, test_names=dm.test_names,
+        val_names=dm.val_names, test_names=dm.test_names, **adaptation,
     )  # fmt: skip
 
     # --- tracking: the same MLflow run when resuming; rank zero only under DDP
@@ -400,6 +404,25 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         raise
     logger.finalize("success")
     return StageResult(name, run_dir, best, run_id, metrics)
+
+
+def _adaptation(cfg: Any, stage: str, model: Any, dm: Any) -> dict[str, Any]:
+    """The task's adaptation arguments for ``stage`` (none unless the stage is listed)."""
+    ada = cfg.get("adaptation") or {}
+    method = ada.get("method", "none")
+    if stage not in (ada.get("stages") or []) or method == "none":
+        return {}
+    if method != "dann":
+        raise ConfigError(f"adaptation.method: expected 'none' or 'dann', got {method!r}")
+    discriminator = instantiate_checked(ada.discriminator, in_features=model.feature_channels)
+    size = ada.get("unlabeled_batch_size")
+    dm.unlabeled_dataloader(size)  # checks now that unlabelled real images exist
+    return {
+        "discriminator": discriminator,
+        "unlabeled": lambda: dm.unlabeled_dataloader(size),
+        "dann_weight": float(ada.weight),
+        "grl_gamma": float(ada.gamma),
+    }
 
 
 def _mark_failed(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path,

@@ -45,6 +45,15 @@ class SegmentationTask(pl.LightningModule):
         image_rows: rows of the prediction grids logged per domain.
         channels_last: run convolutions in NHWC memory layout (about 1.5x faster training
             on CPU here, and what tensor cores want on GPU).
+        discriminator: a domain discriminator on the model's pooled encoder features
+            (:mod:`adaptation.discriminator`): turns on DANN. The sim samples of each batch
+            and a batch of unlabelled real images from ``unlabeled`` go through a gradient
+            reversal whose coefficient follows ``grl_lambda`` of the training progress,
+            computed from the global step (validation never advances it).
+        unlabeled: ``() -> iterable`` of unlabelled real batches (the DataModule's
+            ``unlabeled_dataloader``); required with ``discriminator``.
+        dann_weight: weight of the adversarial term in the loss.
+        grl_gamma: steepness of the GRL schedule (10 in Ganin and Lempitsky).
     """
 
     def __init__(
@@ -60,6 +69,10 @@ class SegmentationTask(pl.LightningModule):
         test_names: Sequence[str] = ("sim", "real"),
         image_rows: int = 6,
         channels_last: bool = True,
+        discriminator: nn.Module | None = None,
+        unlabeled: Callable[[], Any] | None = None,
+        dann_weight: float = 1.0,
+        grl_gamma: float = 10.0,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -81,6 +94,16 @@ class SegmentationTask(pl.LightningModule):
         self.results: dict[str, float] = {}
         #: ``{domain: {group: (C, C) confusion}}`` of the last test run (fairness, T-08).
         self.test_group_confusions: dict[str, dict[str, np.ndarray]] = {}
+        if discriminator is not None and unlabeled is None:
+            raise ValueError("adaptation: DANN needs unlabelled real images (data.real_train)")
+        self.discriminator = discriminator
+        self._unlabeled_factory = unlabeled
+        self._unlabeled_iter: Any = None
+        self.dann_weight, self.grl_gamma = float(dann_weight), float(grl_gamma)
+        # pooled encoder features of the first validation images of each domain, for the
+        # proxy A-distance (a gap measure independent of the labels)
+        self._pad_features: dict[str, list[torch.Tensor]] = {}
+        self.pad_samples = 256
 
     # ------------------------------------------------------------------ train
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +113,14 @@ class SegmentationTask(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.loss(logits, batch["mask"])
         bs = batch["image"].shape[0]
+        if self.discriminator is None:
+            logits = self(batch["image"])
+            loss = self.loss(logits, batch["mask"])
+        else:
+            logits, features = self.model.forward_features(self._layout(batch["image"]))
+            loss = self.loss(logits, batch["mask"])
+            loss = loss + self.dann_weight * self._dann_term(batch, features)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         with torch.no_grad():  # per-domain loss, for watching the two halves of the mix
             for name, dom in (("sim", 0), ("real", 1)):
@@ -100,6 +128,27 @@ class SegmentationTask(pl.LightningModule):
                 if bool(sel.any()):
                     part = self.loss(logits[sel], batch["mask"][sel])
                     self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
+        return loss
+
+    def _dann_term(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
+        """Adversarial domain loss: labelled sim features against unlabelled real ones."""
+        from adaptation.dann import dann_loss
+        from adaptation.grl import grl_lambda, progress
+
+        if self._unlabeled_iter is None:
+            self._unlabeled_iter = iter(self._unlabeled_factory())
+        real = next(self._unlabeled_iter)["image"].to(self.device)
+        _, real_features = self.model.forward_features(self._layout(real))
+        sim_features = features[batch["domain"] == 0]
+        if sim_features.shape[0] == 0:  # a real-only batch: nothing to align
+            return features.sum() * 0.0
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
+        lam = grl_lambda(progress(self.global_step, total), self.grl_gamma)
+        loss, accuracy = dann_loss(sim_features, real_features, self.discriminator, lam)
+        n = sim_features.shape[0]
+        self.log("train/dann/loss", loss, batch_size=n)
+        self.log("train/dann/domain_acc", accuracy, batch_size=n)
+        self.log("train/dann/lambda", lam, batch_size=n)
         return loss
 
     def configure_optimizers(self):
@@ -114,8 +163,11 @@ class SegmentationTask(pl.LightningModule):
     # -------------------------------------------------------------- evaluate
     def _eval_step(self, batch: dict[str, Any], names: list[str], idx: int) -> None:
         name = names[idx]
-        logits = self(batch["image"])
+        logits, features = self.model.forward_features(self._layout(batch["image"]))
         preds = logits.argmax(dim=1)
+        kept = self._pad_features.setdefault(name, [])
+        if sum(f.shape[0] for f in kept) < self.pad_samples:
+            kept.append(features.float().mean(dim=(2, 3)).detach().cpu())
         self.metrics[name].update(preds, batch["mask"], list(batch["group"]))
         if name not in self._examples:  # the first batch of each domain, for the grid
             k = self.image_rows
@@ -155,11 +207,26 @@ class SegmentationTask(pl.LightningModule):
         if "sim" in per_domain and "real" in per_domain:
             gap = sim_to_real_gap(per_domain["sim"], per_domain["real"], keys=GAP_KEYS)
             logged.update({gap_prefix + k.removeprefix("gap/"): v for k, v in gap.items()})
+            logged[f"{gap_prefix}proxy_a_distance"] = self._proxy_a_distance()
+        self._pad_features.clear()
         # NaN (a class absent from a split) is not a number MLflow can plot
         finite = {k: float(v) for k, v in logged.items() if np.isfinite(v)}
         self.log_dict(finite, sync_dist=False)  # metric states are already synced
         self.results.update(logged)
         self._examples.clear()
+
+    def _proxy_a_distance(self) -> float:
+        """Proxy A-distance between the sim and real encoder features of this evaluation
+        (0: indistinguishable, 2: separable); NaN with too few samples."""
+        from adaptation.distance import proxy_a_distance
+
+        sim, real = self._pad_features.get("sim"), self._pad_features.get("real")
+        if not sim or not real:
+            return float("nan")
+        sim_f, real_f = torch.cat(sim), torch.cat(real)
+        if min(len(sim_f), len(real_f)) < 8:
+            return float("nan")
+        return float(proxy_a_distance(sim_f.numpy(), real_f.numpy(), seed=0))
 
     # ---------------------------------------------------------------- images
     def _log_figures(self, split: str, name: str, metrics: GroupedSegmentationMetrics) -> None:
