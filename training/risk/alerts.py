@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from training.risk.register import KNOWN_IDS, RiskConfigError, check_threshold
+from training.risk.register import KNOWN_IDS, RiskConfigError, check_keys, check_threshold
 
 log = logging.getLogger(__name__)
 
@@ -450,14 +450,7 @@ _RULE_OPTIONAL = ("frequency", "description")
 
 
 def _parse_rule(raw: Any, where: str) -> AlertRule:
-    if not isinstance(raw, Mapping):
-        raise RiskConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    missing = [k for k in _RULE_KEYS if k not in raw]
-    if missing:
-        raise RiskConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    unknown = sorted(set(raw) - set(_RULE_KEYS) - set(_RULE_OPTIONAL))
-    if unknown:
-        raise RiskConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    check_keys(raw, _RULE_KEYS, _RULE_OPTIONAL, where)
     for key in ("name", "name_ja", "metric"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise RiskConfigError(f"{where}.{key}: expected a non-empty string, got {raw[key]!r}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -279,16 +279,22 @@ def check_threshold(value: Any, where: str) -> float:
     return float(value)
 
 
-def _parse_risk(row: Any, where: str) -> Risk:
-    """Validate one YAML row into a :class:`Risk`."""
-    if not isinstance(row, Mapping):
-        raise RiskConfigError(f"{where}: expected a mapping, got {type(row).__name__}")
-    missing = [key for key in _REQUIRED if key not in row]
+def check_keys(raw: Any, required: Sequence[str], optional: Sequence[str], where: str) -> None:
+    """``raw`` must be a mapping holding every ``required`` key and nothing outside
+    ``required`` and ``optional``; else a :class:`RiskConfigError` naming ``where``."""
+    if not isinstance(raw, Mapping):
+        raise RiskConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    missing = [key for key in required if key not in raw]
     if missing:
         raise RiskConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    unknown = sorted(set(row) - set(_REQUIRED) - set(_OPTIONAL))
+    unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:
         raise RiskConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+
+
+def _parse_risk(row: Any, where: str) -> Risk:
+    """Validate one YAML row into a :class:`Risk`."""
+    check_keys(row, _REQUIRED, _OPTIONAL, where)
     for key in _REQUIRED:
         if not isinstance(row[key], str) or not row[key].strip():
             raise RiskConfigError(f"{where}.{key}: expected a non-empty string, got {row[key]!r}")
