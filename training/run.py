@@ -137,6 +137,14 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
     keys = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
     adaptation = cfg.get("adaptation") or {}
     blob = {k: _plain(cfg.get(k)) for k in keys}
+    adapted = stage in (adaptation.get("stages") or [])
+    # only what the stage reads: a sim-only stage without adaptation never sees the real
+    # training split (a retrain on new real data reuses it), and worker counts change speed
+    data = blob["data"]
+    data.get("loader", {}).pop("num_workers", None)
+    if float(cfg.stages[stage].sim_ratio) >= 1.0 and not adapted:
+        data.get("datasets", {}).pop("real_train", None)
+        data.get("datasets", {}).pop("real_unlabeled", None)
     blob["stage"] = _plain(cfg.stages[stage])
     blob["trainer"] = {
         k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
@@ -146,7 +154,7 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
     blob["world_size"] = int(cfg.trainer.get("devices", 1) or 1) * int(
         cfg.trainer.get("num_nodes", 1) or 1
     )
-    if stage in (adaptation.get("stages") or []):
+    if adapted:
         blob["adaptation"] = _plain(adaptation)
     blob["parent"] = parent_hash
     text = json.dumps(blob, sort_keys=True, default=str)
