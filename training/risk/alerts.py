@@ -32,9 +32,13 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
-from training.risk.register import KNOWN_IDS, RiskConfigError, check_keys, check_threshold
+from training.risk.register import (
+    KNOWN_IDS,
+    RiskConfigError,
+    check_keys,
+    check_threshold,
+    read_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -391,13 +395,7 @@ class AlertManager:
     def load(cls, path: str | Path, output_dir: str | Path) -> AlertManager:
         """Read ``configs/risk/alerts.yaml``-style YAML and build the manager."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RiskConfigError(f"{path}: alert config file not found") from None
-        except yaml.YAMLError as err:
-            raise RiskConfigError(f"{path}: not valid YAML: {err}") from None
-        return cls.from_config(data, output_dir, source=str(path))
+        return cls.from_config(read_yaml(path, "alert config"), output_dir, source=str(path))
 
     @classmethod
     def from_config(
@@ -427,7 +425,7 @@ def _plain(cfg: Any) -> Any:
 def load_rules(path: str | Path) -> list[AlertRule]:
     """Only the validated rules of an alert YAML file."""
     path = Path(path)
-    return rules_from_config(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    return rules_from_config(read_yaml(path, "alert config"), str(path))
 
 
 def rules_from_config(cfg: Any, source: str = "<alerts config>") -> list[AlertRule]:

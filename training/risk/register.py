@@ -166,13 +166,7 @@ class RiskRegister:
     def load(cls, path: str | Path) -> RiskRegister:
         """Read and validate a register YAML (``risks:`` list of rows)."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RiskConfigError(f"{path}: risk register file not found") from None
-        except yaml.YAMLError as err:
-            raise RiskConfigError(f"{path}: not valid YAML: {err}") from None
-        return cls.from_config(data, source=str(path))
+        return cls.from_config(read_yaml(path, "risk register"), source=str(path))
 
     @classmethod
     def from_config(cls, data: Any, source: str = "<register>") -> RiskRegister:
@@ -277,6 +271,17 @@ def check_threshold(value: Any, where: str) -> float:
     if math.isnan(value):
         raise RiskConfigError(f"{where}: expected a number, got NaN")
     return float(value)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document at ``path``; a :class:`RiskConfigError` naming the file if it is
+    missing or not valid YAML (``what`` says which config it is)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RiskConfigError(f"{path}: {what} file not found") from None
+    except yaml.YAMLError as err:
+        raise RiskConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def check_keys(raw: Any, required: Sequence[str], optional: Sequence[str], where: str) -> None:
