@@ -220,9 +220,7 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             _wait_for_datasets(gen)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
-    screening: dict[str, float] = {}
-    if cfg.risk.enabled and cfg.risk.screening:
-        datasets, screening = screen_training_data(datasets)
+    screening: dict[str, float] | None = None  # T-10, once, and only if a stage trains
     results: dict[str, StageResult] = {}
     hashes: dict[str, str] = {}
     for name in names:
@@ -237,9 +235,18 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
             for ref in ("source_only", "oracle")
             if ref in results and "test/real/miou" in results[ref].metrics
         }
+        if screening is None and not (stage_dir(cfg, name, hashes[name]) / DONE).exists():
+            screening = {}
+            if cfg.risk.enabled and cfg.risk.screening:
+                datasets, screening = screen_training_data(datasets)
         results[name] = run_stage(cfg, name, hashes[name], taxonomy, datasets, init_ckpt,
                                   screening, references)  # fmt: skip
     return results
+
+
+def stage_dir(cfg: Any, name: str, digest: str) -> Path:
+    """The folder of stage ``name`` whose config hashes to ``digest``."""
+    return Path(cfg.paths.output) / "runs" / f"{name}-{digest}"
 
 
 def screen_training_data(datasets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -279,7 +286,7 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     from training.task import SegmentationTask
 
     stage = cfg.stages[name]
-    run_dir = Path(cfg.paths.output) / "runs" / f"{name}-{digest}"
+    run_dir = stage_dir(cfg, name, digest)
     done = run_dir / DONE
     if done.exists():
         info = json.loads(done.read_text())
