@@ -396,6 +396,78 @@ def test_dann_adapts_the_pretraining_stage(smoke_run, monkeypatch):
 
 def test_unknown_adaptation_method_is_refused(smoke_run):
     tmp, _ = smoke_run
-    with pytest.raises(ConfigError, match="adaptation.method: expected 'none' or 'dann'"):
-        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.method=cyclegan",
+    with pytest.raises(ConfigError, match="adaptation.method: expected one of"):
+        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.method=pix2pix",
                                "paths.output=" + str(tmp / "bad5")))  # fmt: skip
+    with pytest.raises(ConfigError, match="adaptation.dann.stages: 'oracle' is not a stage"):
+        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.dann.stages=[oracle]",
+                               "paths.output=" + str(tmp / "bad6")))  # fmt: skip
+
+
+def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tmp, plain = smoke_run
+    out = tmp / "cyclegan"
+    cfg = smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}", "log_model=false",
+                       "adaptation.cyclegan.image_every=12",
+                       )  # fmt: skip
+    results = run_train(cfg)
+    assert list(results) == ["source_only (no adaptation)", "source_only", "finetune"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sim2real-drive")
+    gan = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'cyclegan'")
+    assert len(gan) == 1
+    gan_run = gan[0]
+    for key in (
+        "cyclegan/cycle",
+        "cyclegan/g_loss",
+        "cyclegan/d_loss",
+        "cyclegan/semantic",
+        "cyclegan/guard_corruption",
+        "guard/corruption",
+        "translate/images_per_s",
+    ):
+        assert key in gan_run.data.metrics, key
+    assert 0.0 <= gan_run.data.metrics["guard/corruption"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(gan_run.info.run_id, "translation")}
+    assert {"translation/step_000012.png", "translation/step_000024.png"} <= artifacts
+    assert client.list_artifacts(gan_run.info.run_id, "generator")[0].path.endswith("generator.pt")
+    # the translated set: same labels, the generator run on its card and in each record
+    [root] = (tmp / "data" / "translated").iterdir()
+    card = json.loads((root / "card.json").read_text())
+    assert card["translation"]["generator_run"] == gan_run.info.run_id
+    sim_card = json.loads((tmp / "data" / "smoke" / "sim_train" / "card.json").read_text())
+    assert card["class_pixel_histogram"] == sim_card["class_pixel_histogram"]
+    # the adapted stages read it; the plain segmenter is adaptation=none's own stage
+    inputs = client.get_run(results["source_only"].run_id).inputs.dataset_inputs
+    sources = {i.dataset.name.split(":")[0]: i.dataset.source for i in inputs}
+    assert "translated" in sources["sim_train"]
+    assert results["source_only (no adaptation)"].run_dir.name == plain["source_only"].run_dir.name
+    assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
+    # a rerun trains nothing
+    again = run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}",
+                                   "log_model=false", "adaptation.cyclegan.image_every=12",
+                                   ))  # fmt: skip
+    assert all(r.skipped for r in again.values())
+    # bad input, before any work: a missing generator run, a generator of another size
+    with pytest.raises(ConfigError, match="adaptation.cyclegan.generator: no MLflow run"):
+        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}",
+                               "adaptation.cyclegan.generator=0123456789abcdef"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"trained on 64x128 images, the data are 32x64"):
+        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad7'}",
+                               "adaptation.cyclegan.generator=" + gan_run.info.run_id,
+                               f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+                               "data.image.height=32", "data.image.width=64"))  # fmt: skip
+    assert not (tmp / "bad7" / "runs").exists()
+
+
+def test_empty_unlabeled_real_folder_is_refused_before_work(smoke_run):
+    tmp, _ = smoke_run
+    empty = tmp / "empty_real"
+    empty.mkdir()
+    node = ("data.datasets.real_unlabeled={_target_: simulation.real_data.ImageFolderDataset,"
+            f" root: '{empty}', size: [64, 128]}}")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data.datasets.real_unlabeled: .*no images"):
+        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad8'}",
+                               node))  # fmt: skip
+    assert not (tmp / "bad8" / "runs").exists()

@@ -130,14 +130,18 @@ def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float,
 
 
 # --------------------------------------------------------------------------- stages
-def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
-    """12 hex digits over everything that decides a stage's result."""
+def stage_hash(cfg: Any, stage: str, parent_hash: str | None,
+               inputs: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """12 hex digits over everything that decides a stage's result; ``inputs`` names data
+    made inside the run (the translated sim set's digest) that the config cannot."""
     from omegaconf import OmegaConf
 
     keys = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
-    adaptation = cfg.get("adaptation") or {}
     blob = {k: _plain(cfg.get(k)) for k in keys}
-    adapted = stage in (adaptation.get("stages") or [])
+    adapted = {
+        part: _plain(node) for part, node in adaptation_parts(cfg).items()
+        if stage in (node.get("stages") or [])
+    }  # fmt: skip
     # only what the stage reads: a sim-only stage without adaptation never sees the real
     # training split (a retrain on new real data reuses it), and worker counts change speed
     data = blob["data"]
@@ -155,10 +159,53 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None) -> str:
         cfg.trainer.get("num_nodes", 1) or 1
     )
     if adapted:
-        blob["adaptation"] = _plain(adaptation)
+        blob["adaptation"] = adapted
+    if inputs:
+        blob["inputs"] = dict(inputs)
     blob["parent"] = parent_hash
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+#: What each ``adaptation.method`` is made of (the config nodes it needs).
+METHODS: dict[str, tuple[str, ...]] = {
+    "none": (), "dann": ("dann",), "cyclegan": ("cyclegan",),
+    "cyclegan_dann": ("cyclegan", "dann"),
+}  # fmt: skip
+
+
+def adaptation_parts(cfg: Any) -> dict[str, Any]:
+    """``{"dann": node, "cyclegan": node}`` for the configured method, checked: a known
+    method, its nodes present, and only stages of this experiment listed."""
+    ada = cfg.get("adaptation") or {}
+    method = ada.get("method", "none")
+    if method not in METHODS:
+        raise ConfigError(f"adaptation.method: expected one of {list(METHODS)}, got {method!r}")
+    parts = {}
+    for part in METHODS[method]:
+        node = ada.get(part)
+        if not node:
+            raise ConfigError(f"adaptation.{part}: missing; method '{method}' needs it")
+        for name in node.get("stages") or []:
+            if name not in cfg.stages:
+                raise ConfigError(
+                    f"adaptation.{part}.stages: '{name}' is not a stage of this experiment "
+                    f"({list(cfg.stages)})"
+                )
+        parts[part] = node
+    return parts
+
+
+def _without_adaptation(cfg: Any) -> Any:
+    """A copy of ``cfg`` with ``adaptation=none``: the plain stages an adapted run needs."""
+    import copy
+
+    from omegaconf import open_dict
+
+    plain = copy.deepcopy(cfg)
+    with open_dict(plain):
+        plain.adaptation = {"method": "none"}
+    return plain
 
 
 def _plain(value: Any) -> Any:
@@ -205,12 +252,19 @@ def check_stages(cfg: Any) -> list[str]:
 
 
 def run_train(cfg: Any) -> dict[str, StageResult]:
-    """Run every stage of ``cfg.stages`` in order; return their results by name."""
+    """Run every stage of ``cfg.stages`` in order; return their results by name.
+
+    With pixel-level adaptation (``adaptation.cyclegan``) the plain sim segmenter, the
+    CycleGAN and the translated sim set come first (:mod:`training.cyclegan_stage`); the
+    plain segmenter's result is returned as ``"<stage> (no adaptation)"``.
+    """
     from omegaconf import OmegaConf
 
     OmegaConf.resolve(cfg)
     names = check_stages(cfg)
+    parts = adaptation_parts(cfg)
     taxonomy: Taxonomy = instantiate_checked(cfg.taxonomy)
+    generator = _check_generator(cfg, parts.get("cyclegan"))
     gen = cfg.data.get("generate")
     if gen:
         from pytorch_lightning.utilities import rank_zero_only
@@ -220,28 +274,136 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             _wait_for_datasets(gen)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
-    screening: dict[str, float] | None = None  # T-10, once, and only if a stage trains
+    screening = _Screening(bool(cfg.risk.enabled and cfg.risk.screening))
     results: dict[str, StageResult] = {}
     hashes: dict[str, str] = {}
+    references: dict[str, float] = {}  # T-09: real mIoU of plain source_only and oracle
+
+    def train(stage_cfg: Any, name: str, digest: str, data: Mapping[str, Any],
+              init_ckpt: Path | None) -> StageResult:  # fmt: skip
+        figures: dict[str, float] = {}
+        if not (stage_dir(stage_cfg, name, digest) / DONE).exists():  # it will train
+            data, figures = screening.apply(data)
+        return run_stage(stage_cfg, name, digest, taxonomy, data, init_ckpt, figures,
+                         references)  # fmt: skip
+
+    stage_data = {name: datasets for name in names}
+    inputs: dict[str, str] = {}
+    if "cyclegan" in parts:
+        node = parts["cyclegan"]
+        translated, plain = _pixel_adaptation(cfg, node, taxonomy, datasets, generator, train)
+        adapted = {s for part in parts.values() for s in part.get("stages") or []}
+        if plain is not None and plain.name in adapted:  # else the loop below reuses it
+            results[f"{plain.name} (no adaptation)"] = plain
+            _add_reference(references, plain)
+        from training.tracking import dataset_digest
+
+        inputs = {"sim_train": dataset_digest(translated)}
+        for name in node.get("stages") or []:
+            stage_data[name] = {**datasets, "sim_train": translated}
     for name in names:
         stage = cfg.stages[name]
         init = stage.get("init")
         parent = hashes.get(init) if init in hashes else (init or None)
-        hashes[name] = stage_hash(cfg, name, parent)
+        translated_here = stage_data[name] is not datasets
+        hashes[name] = stage_hash(cfg, name, parent, inputs if translated_here else None)
         init_ckpt = results[init].checkpoint if init in results else (Path(init) if init else None)
-        # T-09 references: the real mIoU of source_only (no adaptation) and oracle (all labels)
-        references = {
-            ref: results[ref].metrics["test/real/miou"]
-            for ref in ("source_only", "oracle")
-            if ref in results and "test/real/miou" in results[ref].metrics
-        }
-        if screening is None and not (stage_dir(cfg, name, hashes[name]) / DONE).exists():
-            screening = {}
-            if cfg.risk.enabled and cfg.risk.screening:
-                datasets, screening = screen_training_data(datasets)
-        results[name] = run_stage(cfg, name, hashes[name], taxonomy, datasets, init_ckpt,
-                                  screening, references)  # fmt: skip
+        results[name] = train(cfg, name, hashes[name], stage_data[name], init_ckpt)
+        _add_reference(references, results[name])
     return results
+
+
+def _add_reference(references: dict[str, float], result: StageResult) -> None:
+    """T-09 references: the first source_only (the plain one when both exist) and oracle."""
+    value = result.metrics.get("test/real/miou")
+    if result.name in ("source_only", "oracle") and value is not None:
+        references.setdefault(result.name, value)
+
+
+class _Screening:
+    """T-10, once per training set, and only for stages that actually train."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._done: dict[int, tuple[Any, dict[str, float]]] = {}
+
+    def apply(self, datasets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        out, figures = dict(datasets), {}
+        if not self.enabled:
+            return out, figures
+        for role in ("sim_train", "real_train"):
+            ds = datasets.get(role)
+            if ds is None:
+                continue
+            if id(ds) not in self._done:
+                self._done[id(ds)] = screen_training_set(role, ds)
+            out[role], found = self._done[id(ds)]
+            figures.update(found)
+        return out, figures
+
+
+def _check_generator(cfg: Any, node: Any) -> tuple[Path, str] | None:
+    """``adaptation.cyclegan.generator`` (an earlier run's generator), resolved and checked
+    against the data's image size before any work; None when one is trained here."""
+    if node is None or not node.get("generator"):
+        return None
+    from training import tracking
+    from training.cyclegan_stage import load_generator, resolve_generator
+
+    uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
+    path, run_id = resolve_generator(str(node.generator), uri,
+                                     Path(cfg.paths.output) / "generators")  # fmt: skip
+    load_generator(path, (int(cfg.data.image.height), int(cfg.data.image.width)))
+    return path, run_id
+
+
+def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping[str, Any],
+                      generator: tuple[Path, str] | None,
+                      train: Any) -> tuple[Any, StageResult | None]:  # fmt: skip
+    """The frozen sim segmenter, the generator (trained here unless given) and the
+    translated sim set, in that order; see :mod:`training.cyclegan_stage`."""
+    from training import tracking
+    from training.cyclegan_stage import KEY, run_cyclegan, translate_sim
+    from training.models.weights import load_checkpoint_weights
+
+    classes = list(taxonomy.classes)
+    seg_name = node.get("segmenter")
+    plain, segmenter, seg_digest = None, None, None
+    if seg_name:
+        if seg_name in cfg.stages:
+            stage = cfg.stages[seg_name]
+            if stage.get("init") or float(stage.sim_ratio) <= 0:
+                raise ConfigError(
+                    f"{KEY}.segmenter: stage '{seg_name}' must train on sim from scratch "
+                    "(init null, sim_ratio > 0) to serve as the frozen sim segmenter"
+                )
+            plain_cfg = _without_adaptation(cfg)
+            seg_digest = stage_hash(plain_cfg, seg_name, None)
+            plain = train(plain_cfg, seg_name, seg_digest, datasets, None)
+            checkpoint = plain.checkpoint
+        else:
+            checkpoint = Path(seg_name)
+            if not checkpoint.is_file():
+                raise ConfigError(
+                    f"{KEY}.segmenter: '{seg_name}' is neither a stage of this experiment "
+                    f"({list(cfg.stages)}) nor a checkpoint file"
+                )
+            seg_digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+        segmenter = instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
+        load_checkpoint_weights(segmenter, checkpoint, key=f"{KEY}.segmenter")
+        segmenter.eval().requires_grad_(False)
+    trained = None
+    if generator is None:
+        trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes)
+        generator = (trained.generator, trained.run_id)
+    translated, figures = translate_sim(cfg, datasets, *generator, segmenter, classes)
+    if trained is not None and "translate/images_per_s" in figures:  # computed just now
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri))
+        for key, value in figures.items():
+            client.log_metric(trained.run_id, key, float(value))
+    return translated, plain
 
 
 def stage_dir(cfg: Any, name: str, digest: str) -> Path:
@@ -249,25 +411,29 @@ def stage_dir(cfg: Any, name: str, digest: str) -> Path:
     return Path(cfg.paths.output) / "runs" / f"{name}-{digest}"
 
 
-def screen_training_data(datasets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-    """T-10: screen the training sets once; a set that loses frames is wrapped so training
-    never sees them. Returns the datasets and ``risk/T-10/<role>/<reason>`` counts."""
+def screen_training_set(role: str, dataset: Any) -> tuple[Any, dict[str, float]]:
+    """T-10: screen one training set; a set that loses frames is wrapped so training never
+    sees them. Returns the set and its ``risk/T-10/<role>/<reason>`` counts."""
     from training.risk.screening import ScreenedDataset
 
-    out, figures = dict(datasets), {}
-    for role in ("sim_train", "real_train"):
-        ds = datasets.get(role)
-        if ds is None:
-            continue
-        screened = ScreenedDataset(ds)
-        for key, value in screened.result.metrics(prefix=f"risk/T-10/{role}/").items():
-            figures[key] = float(value)
-        dropped = len(ds) - len(screened)
-        if dropped:
-            log.warning("T-10: %d of %d %s frames dropped by screening: %s", dropped, len(ds),
-                        role, screened.result.counts)  # fmt: skip
-            out[role] = screened
-    return out, figures
+    screened = ScreenedDataset(dataset)
+    figures = {
+        key: float(value)
+        for key, value in screened.result.metrics(prefix=f"risk/T-10/{role}/").items()
+    }
+    dropped = len(dataset) - len(screened)
+    if not dropped:
+        return dataset, figures
+    if not len(screened):
+        root = getattr(dataset, "root", role)
+        raise ConfigError(
+            f"data.datasets.{role}: T-10 screening dropped every frame of {root} "
+            f"({screened.result.counts}); the set cannot be trained on (for translated sim "
+            "frames: the generator needs more training, adaptation.cyclegan.max_batches)"
+        )
+    log.warning("T-10: %d of %d %s frames dropped by screening: %s", dropped, len(dataset),
+                role, screened.result.counts)  # fmt: skip
+    return screened, figures
 
 
 def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
@@ -422,21 +588,18 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
 
 
 def _adaptation(cfg: Any, stage: str, model: Any, dm: Any) -> dict[str, Any]:
-    """The task's adaptation arguments for ``stage`` (none unless the stage is listed)."""
-    ada = cfg.get("adaptation") or {}
-    method = ada.get("method", "none")
-    if stage not in (ada.get("stages") or []) or method == "none":
+    """The task's DANN arguments for ``stage`` (none unless ``adaptation.dann`` lists it)."""
+    dann = adaptation_parts(cfg).get("dann")
+    if dann is None or stage not in (dann.get("stages") or []):
         return {}
-    if method != "dann":
-        raise ConfigError(f"adaptation.method: expected 'none' or 'dann', got {method!r}")
-    discriminator = instantiate_checked(ada.discriminator, in_features=model.feature_channels)
-    size = ada.get("unlabeled_batch_size")
+    discriminator = instantiate_checked(dann.discriminator, in_features=model.feature_channels)
+    size = dann.get("unlabeled_batch_size")
     dm.unlabeled_dataloader(size)  # checks now that unlabelled real images exist
     return {
         "discriminator": discriminator,
         "unlabeled": lambda: dm.unlabeled_dataloader(size),
-        "dann_weight": float(ada.weight),
-        "grl_gamma": float(ada.gamma),
+        "dann_weight": float(dann.weight),
+        "grl_gamma": float(dann.gamma),
     }
 
 

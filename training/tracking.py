@@ -126,8 +126,10 @@ def log_dataset_inputs(client: Any, run_id: str, datasets: Mapping[str, Any]) ->
         client.log_inputs(run_id, datasets=inputs)
 
 
-def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None = None) -> None:
-    """Log the task model with its signature: ``(B, 3, H, W) float32 -> (B, C, H, W)``.
+def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None = None,
+              name: str = "model") -> None:  # fmt: skip
+    """Log a model under artifact ``name`` with its signature: ``(B, 3, H, W) float32 ->``
+    its output (the task model: ``(B, C, H, W)`` logits; a generator: ``(B, 3, H, W)``).
 
     The export fixes H and W (and leaves the batch free): one registered model serves one
     input size.
@@ -152,7 +154,7 @@ def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None 
     if uri:
         mlflow.set_tracking_uri(uri)
     try:
-        _log_model(run_id, model, signature, example)
+        _log_model(run_id, model, signature, example, name)
     finally:
         mlflow.set_tracking_uri(previous)
         if previous_env is None:
@@ -161,14 +163,14 @@ def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None 
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
-def _log_model(run_id: str, model: Any, signature: Any, example: Any) -> None:
+def _log_model(run_id: str, model: Any, signature: Any, example: Any, name: str) -> None:
     import mlflow
     import torch
 
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=name,
             signature=signature,
             input_example=example.numpy(),  # MLflow 3 exports the model (torch.export)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
