@@ -13,11 +13,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from simulation.dataset import atomic_write_text
 from training.report import results_table
 from training.run import run_train
-from training.tracking import redact, tracking_uri
+from training.sweeps import objective
+from training.tracking import browse_hint, tracking_uri
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not cfg.tracking.sweep_id:
         with open_dict(cfg):  # every job of one -m launch carries the same sweep id
@@ -31,8 +32,8 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.paths.output) / f"{cfg.name}{job}-results.md"
     atomic_write_text(out, table + "\n")
     print(table)
-    uri = redact(tracking_uri(cfg.paths.output, cfg.tracking.uri))
-    print(f"\nsaved to {out}; browse the runs with:  mlflow ui --backend-store-uri {uri}")
+    print(f"\nsaved to {out}; {browse_hint(tracking_uri(cfg.paths.output, cfg.tracking.uri))}")
+    return objective(cfg, results)  # optimized_metric of the last stage (Optuna sweeps)
 
 
 if __name__ == "__main__":

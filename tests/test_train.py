@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +56,16 @@ def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
     client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sim2real-drive")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.stage != 'monitor'")
-    assert {r.data.tags["stage"] for r in runs} == {"source_only", "finetune"}
+    assert {r.data.tags["stage"] for r in runs} == {"source_only", "finetune", "pipeline"}
+    # one parent run per pipeline; every stage run nests under it
+    [parent] = [r for r in runs if r.data.tags["stage"] == "pipeline"]
+    for r in runs:
+        if r is not parent:
+            assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    expected = results["finetune"].metrics["test/real/miou"]
+    assert parent.data.metrics["finetune/test/real/miou"] == pytest.approx(expected)
+    summary = client.download_artifacts(parent.info.run_id, "pipeline/summary.md", str(tmp))
+    assert "| finetune |" in Path(summary).read_text()
     run = client.get_run(results["finetune"].run_id)
     metrics = run.data.metrics
     for key in (
@@ -105,9 +115,15 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert again["finetune"].run_id == results["finetune"].run_id
     client = MlflowClient(f"sqlite:///{tmp / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sim2real-drive")
-    assert (
-        len(client.search_runs([exp.experiment_id], filter_string="tags.stage != 'monitor'")) == 2
-    )
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage != 'monitor'")
+    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "pipeline", "source_only"]
+    # the rerun resumed the same parent run, which lists both stages as reused
+    [parent] = [r for r in runs if r.data.tags["stage"] == "pipeline"]
+    assert parent.info.status == "FINISHED"
+    stages = client.download_artifacts(parent.info.run_id, "pipeline/stages.json", str(tmp))
+    listed = json.loads(Path(stages).read_text())
+    assert listed["finetune"] == {"run_id": results["finetune"].run_id, "reused": True,
+                                  "alerts": results["finetune"].alerts}  # fmt: skip
 
 
 def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
@@ -160,9 +176,10 @@ def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
     assert out.stdout.count("| finetune |") == 1  # rank zero reports, once
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "source_only"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "pipeline", "source_only"]
     for r in runs:
-        assert "test/real/miou" in r.data.metrics
+        key = "finetune/test/real/miou" if r.data.tags["stage"] == "pipeline" else "test/real/miou"
+        assert key in r.data.metrics
 
 
 def test_transient_failure_is_retried(tmp_path, monkeypatch):

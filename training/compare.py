@@ -66,7 +66,7 @@ LABELS = {
 }
 
 #: Stages that are not training results (risk monitoring, this script's own runs).
-NOT_RESULTS = ("monitor", "compare")
+NOT_RESULTS = ("monitor", "compare", "pipeline", "study")
 
 _FRACTION_LEAVES = {
     "miou", "pixel_acc", "macro_f1", "macro_precision", "macro_recall", "accuracy", "f1",
@@ -166,6 +166,9 @@ def fetch_runs(client: Any, experiment_id: str, sweep_ids: Sequence[str] = (),
         text = (sweep_filter + name_filter).removeprefix(" and ")
         found = [r for r in search_all(client, experiment_id, text)
                  if r.data.tags.get("stage") not in NOT_RESULTS]  # fmt: skip
+        if sweep_id:  # stages the sweep's jobs reused from earlier runs (training.pipeline)
+            reused = f"tags.`sweep/{sweep_id}` = 'reused'" + name_filter
+            found += search_all(client, experiment_id, reused)
         if found or not required:
             runs.extend(found)
         elif sweep_id:

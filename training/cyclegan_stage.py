@@ -251,8 +251,10 @@ def cyclegan_digest(cfg: Any, segmenter_digest: str | None) -> str:
 
 
 def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | None,
-                 segmenter_digest: str | None, class_names: list[str]) -> GeneratorRun:  # fmt: skip
-    """Train (or resume, or reuse) the CycleGAN of ``adaptation.cyclegan``; see module doc."""
+                 segmenter_digest: str | None, class_names: list[str],
+                 parent: Any = None) -> GeneratorRun:  # fmt: skip
+    """Train (or resume, or reuse) the CycleGAN of ``adaptation.cyclegan``; see module doc.
+    ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new run under it."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -267,6 +269,8 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
     if done.exists():
         info = json.loads(done.read_text())
         log.info("cyclegan: finished earlier in %s, skipped", run_dir)
+        if parent is not None:
+            parent.reused(info["run_id"])
         return GeneratorRun(run_dir, Path(info["generator"]), info["run_id"], digest,
                             info["metrics"], skipped=True)  # fmt: skip
 
@@ -300,6 +304,8 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
         "adaptation": str(cfg.adaptation.method), "git_commit": tracking.git_commit(),
         "sweep_id": str(cfg.tracking.sweep_id or ""),
     }  # fmt: skip
+    if parent is not None and run_id is None:
+        tags.update(parent.child_tags())
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/cyclegan",
         tracking_uri=uri, tags=tags, run_id=run_id,

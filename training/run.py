@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ class StageResult:
     run_id: str
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    alerts: list[str] = field(default_factory=list)  # risk-register alert rules that fired
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,8 +253,12 @@ def check_stages(cfg: Any) -> list[str]:
     return names
 
 
-def run_train(cfg: Any) -> dict[str, StageResult]:
+def run_train(cfg: Any, parent_run_id: str | None = None,
+              label: str = "pipeline") -> dict[str, StageResult]:  # fmt: skip
     """Run every stage of ``cfg.stages`` in order; return their results by name.
+
+    The stages nest under one MLflow parent run (:class:`training.pipeline.PipelineRun`,
+    run name ``<name>/<label>``), itself nested under ``parent_run_id`` when given.
 
     With pixel-level adaptation (``adaptation.cyclegan``) the plain sim segmenter, the
     CycleGAN and the translated sim set come first (:mod:`training.cyclegan_stage`); the
@@ -264,6 +270,25 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
     names = check_stages(cfg)
     parts = adaptation_parts(cfg)
     taxonomy: Taxonomy = instantiate_checked(cfg.taxonomy)
+    from training.tracking_server import check_tracking_config
+
+    check_tracking_config(cfg)  # an unreachable tracking server stops the run here
+    # Lightning's MLFlowLogger exports its URI to MLFLOW_TRACKING_URI: put it back after
+    # this call, so the next run of the process (a sweep job) logs where it is told to
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _run_train(cfg, names, parts, taxonomy, parent_run_id, label)
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if saved_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+def _run_train(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: Taxonomy,
+               parent_run_id: str | None, label: str) -> dict[str, StageResult]:  # fmt: skip
     generator = _check_generator(cfg, parts.get("cyclegan"))
     gen = cfg.data.get("generate")
     if gen:
@@ -274,6 +299,48 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             _wait_for_datasets(gen)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
+    parent = _open_pipeline(cfg, parent_run_id, label)
+    try:
+        results = _run_stages(cfg, names, parts, taxonomy, datasets, generator, parent)
+    except BaseException as exc:
+        if parent is not None:
+            parent.fail(exc)
+        raise
+    if parent is not None:
+        from training.report import results_table
+
+        parent.finish(results, results_table(results))
+    return results
+
+
+def _open_pipeline(cfg: Any, parent_run_id: str | None, label: str) -> Any:
+    """The parent MLflow run of this call (rank zero only; see :mod:`training.pipeline`)."""
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from training import tracking
+    from training.pipeline import PARENT_TAG, PipelineRun, pipeline_hash
+
+    if rank_zero_only.rank != 0:
+        return None
+    digest = pipeline_hash(OmegaConf.to_container(cfg, resolve=True))
+    uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
+    tags = {"sweep_id": str(cfg.tracking.sweep_id or ""), "git_commit": tracking.git_commit(),
+            "adaptation": str((cfg.get("adaptation") or {}).get("method", "none")),
+            PARENT_TAG: parent_run_id or ""}  # fmt: skip
+    if cfg.tracking.get("trigger"):
+        tags["trigger"] = str(cfg.tracking.trigger)
+    return PipelineRun(
+        MlflowClient(uri), str(cfg.tracking.experiment), str(cfg.name), digest,
+        Path(cfg.paths.output) / "pipelines" / f"{cfg.name}-{digest}", tags=tags,
+        artifact_location=tracking.artifact_location(cfg.paths.output, uri), label=label,
+    )  # fmt: skip
+
+
+def _run_stages(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: Taxonomy,
+                datasets: Mapping[str, Any], generator: tuple[Path, str] | None,
+                parent: Any) -> dict[str, StageResult]:  # fmt: skip
     screening = _Screening(bool(cfg.risk.enabled and cfg.risk.screening))
     results: dict[str, StageResult] = {}
     hashes: dict[str, str] = {}
@@ -285,13 +352,14 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
         if not (stage_dir(stage_cfg, name, digest) / DONE).exists():  # it will train
             data, figures = screening.apply(data)
         return run_stage(stage_cfg, name, digest, taxonomy, data, init_ckpt, figures,
-                         references)  # fmt: skip
+                         references, parent=parent)  # fmt: skip
 
     stage_data = {name: datasets for name in names}
     inputs: dict[str, str] = {}
     if "cyclegan" in parts:
         node = parts["cyclegan"]
-        translated, plain = _pixel_adaptation(cfg, node, taxonomy, datasets, generator, train)
+        translated, plain = _pixel_adaptation(cfg, node, taxonomy, datasets, generator, train,
+                                              parent)  # fmt: skip
         adapted = {s for part in parts.values() for s in part.get("stages") or []}
         if plain is not None and plain.name in adapted:  # else the loop below reuses it
             results[f"{plain.name} (no adaptation)"] = plain
@@ -304,9 +372,9 @@ def run_train(cfg: Any) -> dict[str, StageResult]:
     for name in names:
         stage = cfg.stages[name]
         init = stage.get("init")
-        parent = hashes.get(init) if init in hashes else (init or None)
+        parent_hash = hashes.get(init) if init in hashes else (init or None)
         translated_here = stage_data[name] is not datasets
-        hashes[name] = stage_hash(cfg, name, parent, inputs if translated_here else None)
+        hashes[name] = stage_hash(cfg, name, parent_hash, inputs if translated_here else None)
         init_ckpt = results[init].checkpoint if init in results else (Path(init) if init else None)
         results[name] = train(cfg, name, hashes[name], stage_data[name], init_ckpt)
         _add_reference(references, results[name])
@@ -358,8 +426,8 @@ def _check_generator(cfg: Any, node: Any) -> tuple[Path, str] | None:
 
 
 def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping[str, Any],
-                      generator: tuple[Path, str] | None,
-                      train: Any) -> tuple[Any, StageResult | None]:  # fmt: skip
+                      generator: tuple[Path, str] | None, train: Any,
+                      parent: Any = None) -> tuple[Any, StageResult | None]:  # fmt: skip
     """The frozen sim segmenter, the generator (trained here unless given) and the
     translated sim set, in that order; see :mod:`training.cyclegan_stage`."""
     from training import tracking
@@ -394,7 +462,7 @@ def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping
         segmenter.eval().requires_grad_(False)
     trained = None
     if generator is None:
-        trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes)
+        trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes, parent=parent)
         generator = (trained.generator, trained.run_id)
     translated, figures = translate_sim(cfg, datasets, *generator, segmenter, classes)
     if trained is not None and "translate/images_per_s" in figures:  # computed just now
@@ -439,8 +507,10 @@ def screen_training_set(role: str, dataset: Any) -> tuple[Any, dict[str, float]]
 def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
               datasets: Mapping[str, Any], init_ckpt: Path | None,
               screening: Mapping[str, float] | None = None,
-              references: Mapping[str, float] | None = None) -> StageResult:  # fmt: skip
-    """Fit, test and log one stage, resuming or skipping it by its folder's state."""
+              references: Mapping[str, float] | None = None,
+              parent: Any = None) -> StageResult:  # fmt: skip
+    """Fit, test and log one stage, resuming or skipping it by its folder's state;
+    ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new stage run."""
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
@@ -457,8 +527,11 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     if done.exists():
         info = json.loads(done.read_text())
         log.info("stage %s: finished earlier in %s, skipped", name, run_dir)
+        if parent is not None:
+            parent.reused(info["run_id"])
         return StageResult(name, run_dir, Path(info["checkpoint"]), info["run_id"],
-                           info["metrics"], skipped=True)  # fmt: skip
+                           info["metrics"], skipped=True,
+                           alerts=info.get("alerts", []))  # fmt: skip
 
     # --- everything checked before the first step
     dm_kwargs = dict(cfg.data.loader)
@@ -501,6 +574,8 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     }  # fmt: skip
     if cfg.tracking.get("trigger"):
         tags["trigger"] = str(cfg.tracking.trigger)
+    if parent is not None and run_id is None:
+        tags.update(parent.child_tags())
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{name}",
         tracking_uri=uri, tags=tags, run_id=run_id,
@@ -578,13 +653,17 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
             published = Path(cfg.paths.output) / "models" / f"{cfg.name}-{name}-{digest}.ckpt"
             published.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(best, published)
-            atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics})
+            fired = logger.experiment.get_run(run_id).data.tags.get("risk/alerts_fired", "none")
+            alerts = [] if fired == "none" else fired.split(",")
+            atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics,
+                                     "alerts": alerts})  # fmt: skip
     except Exception as exc:  # evaluation, risk or registry failed: the run is not done
         if trainer.is_global_zero:
             _mark_failed(cfg, logger, run_id, name, run_dir, exc)
         raise
     logger.finalize("success")
-    return StageResult(name, run_dir, best, run_id, metrics)
+    return StageResult(name, run_dir, best, run_id, metrics,
+                       alerts=alerts if trainer.is_global_zero else [])  # fmt: skip
 
 
 def _adaptation(cfg: Any, stage: str, model: Any, dm: Any) -> dict[str, Any]:

@@ -175,3 +175,12 @@ def _log_model(run_id: str, model: Any, signature: Any, example: Any, name: str)
             input_example=example.numpy(),  # MLflow 3 exports the model (torch.export)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+
+
+def browse_hint(uri: str) -> str:
+    """How to look at the runs of ``uri``: a server's address, else the ``mlflow ui``
+    command for a local store (credentials removed)."""
+    shown = redact(uri)
+    if shown.startswith(("http://", "https://")):
+        return f"browse the runs at {shown}"
+    return f"browse the runs with:  mlflow ui --backend-store-uri {shown}"

@@ -1,0 +1,30 @@
+"""The whole study in one command: every adaptation method's pipeline; see configs/pipeline.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
+
+from simulation.dataset import atomic_write_text
+from training.pipeline import run_pipeline
+from training.tracking import browse_hint, tracking_uri
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    overrides = list(HydraConfig.get().overrides.task)
+    _, table = run_pipeline(cfg, overrides)
+    if rank_zero_only.rank != 0:
+        return
+    out = Path(cfg.paths.output) / f"{cfg.name}-pipeline-summary.md"
+    atomic_write_text(out, table + "\n")
+    print(table)
+    print(f"\nsaved to {out}; {browse_hint(tracking_uri(cfg.paths.output, cfg.tracking.uri))}")
+
+
+if __name__ == "__main__":
+    main()
