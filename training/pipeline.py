@@ -27,8 +27,11 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def pipeline_hash(config: Mapping[str, Any]) -> str:
-    """12 hex digits over a plain resolved config, minus :data:`NOT_RESULT_KEYS`."""
+    """12 hex digits over a plain resolved config, minus :data:`NOT_RESULT_KEYS`, plus the
+    sweep id: each sweep job gets a parent run of its own (its stages may still be reused),
+    and rerunning the sweep resumes them."""
     blob = {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+    blob["sweep_id"] = (config.get("tracking") or {}).get("sweep_id")
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

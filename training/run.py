@@ -295,7 +295,8 @@ def _run_train(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: T
         from pytorch_lightning.utilities import rank_zero_only
 
         if rank_zero_only.rank == 0:
-            ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
+            with _shared_work(cfg, Path(gen["root"]) / ".generation.lock", "the datasets"):
+                ensure_procedural_datasets(gen, cfg.data.image, cfg.taxonomy, bool(cfg.progress))
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             _wait_for_datasets(gen)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
@@ -348,11 +349,13 @@ def _run_stages(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: 
 
     def train(stage_cfg: Any, name: str, digest: str, data: Mapping[str, Any],
               init_ckpt: Path | None) -> StageResult:  # fmt: skip
-        figures: dict[str, float] = {}
-        if not (stage_dir(stage_cfg, name, digest) / DONE).exists():  # it will train
-            data, figures = screening.apply(data)
-        return run_stage(stage_cfg, name, digest, taxonomy, data, init_ckpt, figures,
-                         references, parent=parent)  # fmt: skip
+        folder = stage_dir(stage_cfg, name, digest)
+        with _shared_work(cfg, folder.parent / f".{folder.name}.lock", f"stage {name}"):
+            figures: dict[str, float] = {}
+            if not (folder / DONE).exists():  # it will train
+                data, figures = screening.apply(data)
+            return run_stage(stage_cfg, name, digest, taxonomy, data, init_ckpt, figures,
+                             references, parent=parent)  # fmt: skip
 
     stage_data = {name: datasets for name in names}
     inputs: dict[str, str] = {}
@@ -379,6 +382,17 @@ def _run_stages(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: 
         results[name] = train(cfg, name, hashes[name], stage_data[name], init_ckpt)
         _add_reference(references, results[name])
     return results
+
+
+def _shared_work(cfg: Any, lock: Path, what: str) -> Any:
+    """A lock around work parallel sweep jobs may share (:mod:`simulation.locks`); none
+    under DDP, where the ranks of one job already work together."""
+    import contextlib
+
+    from simulation.locks import exclusive
+
+    world = int(cfg.trainer.get("devices", 1) or 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
+    return exclusive(lock, what) if world == 1 else contextlib.nullcontext()
 
 
 def _add_reference(references: dict[str, float], result: StageResult) -> None:
@@ -461,10 +475,13 @@ def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping
         load_checkpoint_weights(segmenter, checkpoint, key=f"{KEY}.segmenter")
         segmenter.eval().requires_grad_(False)
     trained = None
+    runs = Path(cfg.paths.output) / "runs"
     if generator is None:
-        trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes, parent=parent)
+        with _shared_work(cfg, runs / ".cyclegan.lock", "the CycleGAN"):
+            trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes, parent=parent)
         generator = (trained.generator, trained.run_id)
-    translated, figures = translate_sim(cfg, datasets, *generator, segmenter, classes)
+    with _shared_work(cfg, Path(cfg.paths.data) / ".translation.lock", "the translation"):
+        translated, figures = translate_sim(cfg, datasets, *generator, segmenter, classes)
     if trained is not None and "translate/images_per_s" in figures:  # computed just now
         from mlflow.tracking import MlflowClient
 
