@@ -66,7 +66,7 @@ LABELS = {
 }
 
 #: Stages that are not training results (risk monitoring, this script's own runs).
-NOT_RESULTS = ("monitor", "compare", "pipeline", "study")
+NOT_RESULTS = ("monitor", "compare", "pipeline", "study", "cyclegan")
 
 _FRACTION_LEAVES = {
     "miou", "pixel_acc", "macro_f1", "macro_precision", "macro_recall", "accuracy", "f1",

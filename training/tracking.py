@@ -20,16 +20,19 @@ from typing import Any
 _MAX_KEY, _MAX_VALUE = 250, 6000
 
 
-def tracking_uri(output_dir: str | os.PathLike[str], configured: str | None = None) -> str:
+def tracking_uri(output_dir: str | os.PathLike[str], configured: str | None = None,
+                 create: bool = True) -> str:  # fmt: skip
     """``configured`` (``tracking.uri``) if given, else ``MLFLOW_TRACKING_URI`` if set, else
-    SQLite in ``output_dir``: an explicit setting beats the environment."""
+    SQLite in ``output_dir`` (created unless not ``create``): an explicit setting beats the
+    environment."""
     if configured:
         return str(configured)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     root = Path(output_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 

@@ -54,7 +54,7 @@ def check_tracking(output_dir: str | os.PathLike[str], configured: str | None = 
     from training.tracking import tracking_uri
 
     source = tracking_source(configured)
-    uri = tracking_uri(output_dir, configured)
+    uri = tracking_uri(output_dir, configured, create=False)
     check_reachable(uri, timeout_s=timeout_s, source=source)
     return uri
 
@@ -241,11 +241,20 @@ def _file_path(uri: str) -> Path:
 
 
 def _check_folder(folder: Path, uri: str, source: str, what: str) -> None:
-    """``folder`` exists (created if need be) and a file can be written in it."""
+    """A file can be written in ``folder``, or -- when it does not exist yet -- the folder can
+    be created there: its nearest existing parent is a writable folder. Creates nothing that
+    stays (a refused sweep leaves no folder behind)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        if existing == folder:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{existing} is not writable", str(existing))
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(
