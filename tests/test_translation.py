@@ -222,3 +222,27 @@ def test_translation_grid_layout():
     grid = translation_grid(a, b, a, b)
     assert grid.shape == (8, 20, 3) and grid.dtype == np.uint8
     assert grid[:, :5].max() == 0 and grid[:, 5:10].min() == 255 and grid[:, 15:].min() == 255
+
+
+def test_generator_is_logged_as_an_mlflow_model_that_translates_alike(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from training import tracking
+
+    save_generator(trained_tiny_cyclegan(16, 32), tmp_path / "g.pt")
+    translator = load_generator(tmp_path / "g.pt", (16, 32))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    tracking.log_model(run.info.run_id, translator, 16, 32, uri=uri, name="generator_model")
+    mlflow.set_tracking_uri(uri)
+    try:
+        [logged] = mlflow.search_logged_models(experiment_ids=[exp], output_format="list")
+        assert logged.name == "generator_model"
+        loaded = mlflow.pytorch.load_model(logged.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    x = torch.rand(2, 3, 16, 32)
+    torch.testing.assert_close(loaded(x), translator(x))
