@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import mlflow
 import numpy as np
@@ -55,7 +56,7 @@ def store(tmp_path_factory):
     a few seconds each, so it is shared; each test uses its own registered-model name)."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # tracking.log_model logs through the fluent API
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("registry-test", artifact_location=(root / "art").as_uri())
@@ -69,7 +70,11 @@ def store(tmp_path_factory):
         models.append(model.eval())
         run_ids.append(run.info.run_id)
     yield {"uri": uri, "run_ids": run_ids, "models": models}
-    mlflow.set_tracking_uri(previous)
+    # put back what was there: no URI at all, not MLflow's default exported as if configured
+    # (a leaked MLFLOW_TRACKING_URI would send every later test's runs elsewhere)
+    mlflow.set_tracking_uri(None)
+    if previous_env is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @pytest.fixture

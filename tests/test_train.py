@@ -382,7 +382,7 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
                               filter_string="tags.trigger LIKE 'T-01%'")  # fmt: skip
     # the sim-only source_only stage does not read the real training split: it is reused,
     # and only the finetune trains again, tagged with why; the monitor's run records it too
-    assert {r.data.tags["stage"] for r in runs} - {"monitor"} == {"finetune"}
+    assert {r.data.tags["stage"] for r in runs} - {"monitor"} == {"finetune", "pipeline"}
     monitor = client.get_run(result.run_id)
     assert monitor.data.tags["decision"] == "retrain"
     assert monitor.data.tags["retrain_returncode"] == "0"

@@ -190,44 +190,42 @@ def translation_grid(sim: torch.Tensor, translated: torch.Tensor, cycle: torch.T
     return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-class TranslationMonitor:
-    """Lightning callback factory: image grids and the guard's figure every ``every``
-    batches (and after the last), logged to the CycleGAN's MLflow run."""
+def translation_monitor(sim: torch.Tensor, real: torch.Tensor, every: int,
+                        segmenter: nn.Module | None, class_names: list[str]) -> Any:  # fmt: skip
+    """A Lightning callback: every ``every`` batches (and after the last), the image grid of
+    ``sim`` / ``real`` (``(N, 3, H, W)`` in [0, 1]) and the guard's label-corruption rate on
+    them, logged to the CycleGAN's MLflow run."""
+    import pytorch_lightning as pl
 
-    @staticmethod
-    def create(sim: torch.Tensor, real: torch.Tensor, every: int, segmenter: nn.Module | None,
-               num_classes: int, class_names: list[str]) -> Any:  # fmt: skip
-        import pytorch_lightning as pl
+    from adaptation.cyclegan.module import STEPS_PER_BATCH
+    from adaptation.cyclegan.translate import label_corruption
 
-        from adaptation.cyclegan.module import STEPS_PER_BATCH
-        from adaptation.cyclegan.translate import label_corruption
+    class TranslationMonitor(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
+            step = trainer.global_step // STEPS_PER_BATCH
+            last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+            if step % every and not last:
+                return
+            g, f = module.g_sim2real, module.g_real2sim
+            was = g.training
+            g.eval(), f.eval()
+            with torch.no_grad():
+                x = sim.to(module.device)
+                fake = (g(x * 2 - 1) + 1) / 2
+                cycle = (f(fake * 2 - 1) + 1) / 2
+            g.train(was), f.train(was)
+            logger = trainer.logger
+            logger.experiment.log_image(
+                logger.run_id, translation_grid(x, fake, cycle, real),
+                artifact_file=f"translation/step_{step:06d}.png",
+            )  # fmt: skip
+            if segmenter is not None:
+                stats = label_corruption(segmenter.to(module.device), x, fake.clamp(0, 1),
+                                         len(class_names))  # fmt: skip
+                logger.log_metrics(stats.metrics(class_names, prefix="cyclegan/guard_"),
+                                   step=step)  # fmt: skip
 
-        class _Monitor(pl.Callback):
-            def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
-                step = trainer.global_step // STEPS_PER_BATCH
-                last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-                if step % every and not last:
-                    return
-                g, f = module.g_sim2real, module.g_real2sim
-                was = g.training
-                g.eval(), f.eval()
-                with torch.no_grad():
-                    x = sim.to(module.device)
-                    fake = (g(x * 2 - 1) + 1) / 2
-                    cycle = (f(fake * 2 - 1) + 1) / 2
-                g.train(was), f.train(was)
-                logger = trainer.logger
-                logger.experiment.log_image(
-                    logger.run_id, translation_grid(x, fake, cycle, real),
-                    artifact_file=f"translation/step_{step:06d}.png",
-                )  # fmt: skip
-                if segmenter is not None:
-                    stats = label_corruption(segmenter.to(module.device), x, fake.clamp(0, 1),
-                                             num_classes)  # fmt: skip
-                    logger.log_metrics(stats.metrics(class_names, prefix="cyclegan/guard_"),
-                                       step=step)  # fmt: skip
-
-        return _Monitor()
+    return TranslationMonitor()
 
 
 # ---------------------------------------------------------------------------- stage
@@ -327,8 +325,7 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
     every = max(1, int(node.image_every))
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=every * STEPS_PER_BATCH)  # fmt: skip
-    monitor = TranslationMonitor.create(sample_sim, sample_real, every, segmenter,
-                                        len(class_names), class_names)  # fmt: skip
+    monitor = translation_monitor(sample_sim, sample_real, every, segmenter, class_names)
     make_trainer = instantiate_checked(cfg.trainer, _partial_=True)
     trainer = make_trainer(
         max_steps=batches * STEPS_PER_BATCH, max_epochs=-1, logger=logger,

@@ -350,7 +350,8 @@ def _run_stages(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: 
     def train(stage_cfg: Any, name: str, digest: str, data: Mapping[str, Any],
               init_ckpt: Path | None) -> StageResult:  # fmt: skip
         folder = stage_dir(stage_cfg, name, digest)
-        with _shared_work(cfg, folder.parent / f".{folder.name}.lock", f"stage {name}"):
+        locks = Path(cfg.paths.output) / "locks"
+        with _shared_work(cfg, locks / f"{folder.name}.lock", f"stage {name}"):
             figures: dict[str, float] = {}
             if not (folder / DONE).exists():  # it will train
                 data, figures = screening.apply(data)
@@ -475,9 +476,8 @@ def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping
         load_checkpoint_weights(segmenter, checkpoint, key=f"{KEY}.segmenter")
         segmenter.eval().requires_grad_(False)
     trained = None
-    runs = Path(cfg.paths.output) / "runs"
     if generator is None:
-        with _shared_work(cfg, runs / ".cyclegan.lock", "the CycleGAN"):
+        with _shared_work(cfg, Path(cfg.paths.output) / "locks" / "cyclegan.lock", "the CycleGAN"):
             trained = run_cyclegan(cfg, datasets, segmenter, seg_digest, classes, parent=parent)
         generator = (trained.generator, trained.run_id)
     with _shared_work(cfg, Path(cfg.paths.data) / ".translation.lock", "the translation"):
