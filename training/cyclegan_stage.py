@@ -254,11 +254,10 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
     """Train (or resume, or reuse) the CycleGAN of ``adaptation.cyclegan``; see module doc.
     ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new run under it."""
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
 
     from adaptation.cyclegan.module import STEPS_PER_BATCH
     from training import tracking
-    from training.run import DONE, RUN_ID
+    from training.run import DONE, RUN_ID, stage_logger
 
     node = cfg.adaptation.cyclegan
     digest = cyclegan_digest(cfg, segmenter_digest)
@@ -295,20 +294,8 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
 
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
-    run_id_file = run_dir / RUN_ID
-    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
-    tags = {
-        "stage": "cyclegan", "experiment": str(cfg.name), "config_hash": digest,
-        "adaptation": str(cfg.adaptation.method), "git_commit": tracking.git_commit(),
-        "sweep_id": str(cfg.tracking.sweep_id or ""),
-    }  # fmt: skip
-    if parent is not None and run_id is None:
-        tags.update(parent.child_tags())
-    logger = MLFlowLogger(
-        experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/cyclegan",
-        tracking_uri=uri, tags=tags, run_id=run_id,
-        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
-    )  # fmt: skip
+    logger, run_id = stage_logger(cfg, "cyclegan", digest, run_dir, parent,
+                                  tags={"adaptation": str(cfg.adaptation.method)})  # fmt: skip
     if run_id is None:
         from omegaconf import OmegaConf
 
@@ -318,7 +305,7 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
             "data": {"sim_train": len(sim), "real_unlabeled": len(real)},
         })  # fmt: skip
         logger.log_hyperparams(params)
-        run_id_file.write_text(logger.run_id)
+        (run_dir / RUN_ID).write_text(logger.run_id)
     run_id = logger.run_id
 
     ckpt_dir = run_dir / "checkpoints"

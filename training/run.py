@@ -530,7 +530,6 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new stage run."""
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
 
     from training import tracking
     from training.datamodule import SimRealDataModule
@@ -583,25 +582,11 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     is_zero = rank_zero_only.rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
-    run_id_file = run_dir / RUN_ID
-    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
-    tags = {
-        "stage": name, "experiment": str(cfg.name), "config_hash": digest,
-        "git_commit": tracking.git_commit(), "sweep_id": str(cfg.tracking.sweep_id or ""),
-    }  # fmt: skip
-    if cfg.tracking.get("trigger"):
-        tags["trigger"] = str(cfg.tracking.trigger)
-    if parent is not None and run_id is None:
-        tags.update(parent.child_tags())
-    logger = MLFlowLogger(
-        experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{name}",
-        tracking_uri=uri, tags=tags, run_id=run_id,
-        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
-    )  # fmt: skip
+    logger, run_id = stage_logger(cfg, name, digest, run_dir, parent)
     fresh = run_id is None
     run_id = logger.run_id if is_zero else run_id
     if is_zero:
-        run_id_file.write_text(run_id)
+        (run_dir / RUN_ID).write_text(run_id)
     if fresh and is_zero:
         logged_cfg = tracking.redact(OmegaConf.to_container(cfg, resolve=True))
         params = tracking.flatten(logged_cfg)
@@ -681,6 +666,36 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     logger.finalize("success")
     return StageResult(name, run_dir, best, run_id, metrics,
                        alerts=alerts if trainer.is_global_zero else [])  # fmt: skip
+
+
+def stage_logger(cfg: Any, stage: str, digest: str, run_dir: Path, parent: Any = None,
+                 tags: Mapping[str, str] | None = None) -> tuple[Any, str | None]:  # fmt: skip
+    """The MLflow logger of a stage's run and the run id kept in its folder: the same run
+    when resuming, else a new one tagged (stage, experiment, config hash, commit, sweep id,
+    trigger, ``tags``) and nested under ``parent``. Returns ``(logger, earlier run id or
+    None)``."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from training import tracking
+
+    uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
+    run_id_file = run_dir / RUN_ID
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
+    all_tags = {
+        "stage": stage, "experiment": str(cfg.name), "config_hash": digest,
+        "git_commit": tracking.git_commit(), "sweep_id": str(cfg.tracking.sweep_id or ""),
+        **dict(tags or {}),
+    }  # fmt: skip
+    if cfg.tracking.get("trigger"):
+        all_tags["trigger"] = str(cfg.tracking.trigger)
+    if parent is not None and run_id is None:
+        all_tags.update(parent.child_tags())
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{stage}",
+        tracking_uri=uri, tags=all_tags, run_id=run_id,
+        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
+    )  # fmt: skip
+    return logger, run_id
 
 
 def _adaptation(cfg: Any, stage: str, model: Any, dm: Any) -> dict[str, Any]:
