@@ -101,7 +101,6 @@ def our_trainer_free_step(model: CycleGAN) -> Callable[[torch.Tensor, torch.Tens
     ``toggle_optimizer`` / ``untoggle_optimizer`` pairs are replaced by the ``requires_grad``
     switches they perform. Not done: the LR schedule (a constant factor here) and logging.
     """
-    hp = model.hparams
     opt_g, opt_d = model.configure_optimizers()
     g_params = [p for group in opt_g.param_groups for p in group["params"]]
     d_params = [p for group in opt_d.param_groups for p in group["params"]]
@@ -111,12 +110,7 @@ def our_trainer_free_step(model: CycleGAN) -> Callable[[torch.Tensor, torch.Tens
         for p in d_params:  # toggle_optimizer(opt_g)
             p.requires_grad_(False)
         losses, fake_real, fake_sim = model.generator_losses(sim, real)
-        g_loss = (
-            losses["g_adv"]
-            + hp.lambda_cycle * losses["cycle"]
-            + hp.lambda_cycle * hp.lambda_identity * losses["identity"]
-            + hp.lambda_semantic * losses["semantic"]
-        )
+        g_loss = model.generator_objective(losses)
         opt_g.zero_grad()
         g_loss.backward()
         opt_g.step()

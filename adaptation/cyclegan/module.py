@@ -193,6 +193,16 @@ class CycleGAN(pl.LightningModule):
         losses = {"g_adv": g_adv, "cycle": cycle, "identity": identity, "semantic": semantic}
         return losses, fake_real, fake_sim
 
+    def generator_objective(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The generators' loss: ``losses`` of :meth:`generator_losses`, weighted."""
+        hp = self.hparams
+        return (
+            losses["g_adv"]
+            + hp.lambda_cycle * losses["cycle"]
+            + hp.lambda_cycle * hp.lambda_identity * losses["identity"]
+            + hp.lambda_semantic * losses["semantic"]
+        )
+
     def discriminator_loss(
         self, sim: torch.Tensor, real: torch.Tensor, fake_sim: torch.Tensor, fake_real: torch.Tensor
     ) -> torch.Tensor:
@@ -225,12 +235,7 @@ class CycleGAN(pl.LightningModule):
         # Generators; toggling freezes the discriminators so g_adv does not reach them.
         self.toggle_optimizer(opt_g)
         losses, fake_real, fake_sim = self.generator_losses(sim, real)
-        g_loss = (
-            losses["g_adv"]
-            + hp.lambda_cycle * losses["cycle"]
-            + hp.lambda_cycle * hp.lambda_identity * losses["identity"]
-            + hp.lambda_semantic * losses["semantic"]
-        )
+        g_loss = self.generator_objective(losses)
         opt_g.zero_grad()
         self.manual_backward(g_loss)
         opt_g.step()
