@@ -90,8 +90,9 @@ def _load_str(load: list[float] | None) -> str:
 # --------------------------------------------------------------------------- ours
 def build_ours(cfg: dict[str, int], seed: int = 0) -> CycleGAN:
     torch.manual_seed(seed)
-    return CycleGAN(g_ngf=cfg["ngf"], g_blocks=cfg["blocks"], d_ndf=cfg["ndf"],
-                    d_layers=D_LAYERS, seed=seed)  # fmt: skip
+    return CycleGAN(
+        g_ngf=cfg["ngf"], g_blocks=cfg["blocks"], d_ndf=cfg["ndf"], d_layers=D_LAYERS, seed=seed
+    )
 
 
 def our_trainer_free_step(model: CycleGAN) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -165,10 +166,16 @@ def time_lightning(
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             trainer = pl.Trainer(
-                accelerator="cpu", max_steps=2 * n, max_epochs=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=tmp, callbacks=[timer],
-            )  # fmt: skip
+                accelerator="cpu",
+                max_steps=2 * n,
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=tmp,
+                callbacks=[timer],
+            )
             trainer.fit(model, train_dataloaders=loader)
         finally:
             for name, level in levels.items():
@@ -205,14 +212,31 @@ def reference_options(cfg: dict[str, int], checkpoints_dir: str) -> SimpleNamesp
     """
     blocks = cfg["blocks"]
     return SimpleNamespace(
-        isTrain=True, gpu_ids=[], checkpoints_dir=checkpoints_dir, name="benchmark",
-        preprocess="resize_and_crop", input_nc=3, output_nc=3, ngf=cfg["ngf"], ndf=cfg["ndf"],
+        isTrain=True,
+        gpu_ids=[],
+        checkpoints_dir=checkpoints_dir,
+        name="benchmark",
+        preprocess="resize_and_crop",
+        input_nc=3,
+        output_nc=3,
+        ngf=cfg["ngf"],
+        ndf=cfg["ndf"],
         netG=f"resnet_{blocks}blocks" if blocks in (6, 9) else "resnet_6blocks",
-        netD="basic" if D_LAYERS == 3 else "n_layers", n_layers_D=D_LAYERS, norm="instance",
-        no_dropout=True, init_type="normal", init_gain=0.02, gan_mode="lsgan", pool_size=50,
-        lr=0.0002, beta1=0.5, lambda_A=10.0, lambda_B=10.0, lambda_identity=0.5,
+        netD="basic" if D_LAYERS == 3 else "n_layers",
+        n_layers_D=D_LAYERS,
+        norm="instance",
+        no_dropout=True,
+        init_type="normal",
+        init_gain=0.02,
+        gan_mode="lsgan",
+        pool_size=50,
+        lr=0.0002,
+        beta1=0.5,
+        lambda_A=10.0,
+        lambda_B=10.0,
+        lambda_identity=0.5,
         direction="AtoB",
-    )  # fmt: skip
+    )
 
 
 def build_reference(
@@ -234,16 +258,21 @@ def build_reference(
 
             def generator() -> torch.nn.Module:
                 net = networks.ResnetGenerator(
-                    3, 3, cfg["ngf"], norm_layer=networks.get_norm_layer("instance"),
-                    use_dropout=False, n_blocks=cfg["blocks"],
-                )  # fmt: skip
+                    3,
+                    3,
+                    cfg["ngf"],
+                    norm_layer=networks.get_norm_layer("instance"),
+                    use_dropout=False,
+                    n_blocks=cfg["blocks"],
+                )
                 return networks.init_net(net, opt.init_type, opt.init_gain, opt.gpu_ids)
 
             model.netG_A, model.netG_B = generator(), generator()
             model.optimizer_G = torch.optim.Adam(
                 [*model.netG_A.parameters(), *model.netG_B.parameters()],
-                lr=opt.lr, betas=(opt.beta1, 0.999),
-            )  # fmt: skip
+                lr=opt.lr,
+                betas=(opt.beta1, 0.999),
+            )
             model.optimizers[0] = model.optimizer_G
             note = (
                 f"reference define_G has no resnet_{cfg['blocks']}blocks: its ResnetGenerator"
@@ -258,8 +287,9 @@ def reference_step(model: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:
 
     def step(sim01: torch.Tensor, real01: torch.Tensor) -> None:
         # Its datasets hand over images normalized to [-1, 1]; ours maps [0, 1] inside.
-        model.set_input({"A": sim01 * 2 - 1, "B": real01 * 2 - 1, "A_paths": paths,
-                         "B_paths": paths})  # fmt: skip
+        model.set_input(
+            {"A": sim01 * 2 - 1, "B": real01 * 2 - 1, "A_paths": paths, "B_paths": paths}
+        )
         model.optimize_parameters()
 
     return step
@@ -346,10 +376,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=6, help="timed training iterations per impl")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--block", type=int, default=1, help="iterations per interleaved block")
-    ap.add_argument("--reference-repo", default=None,
-                    help=f"checkout of {REFERENCE_URL} to time side by side")  # fmt: skip
-    ap.add_argument("--lightning", action="store_true",
-                    help="also time training_step inside a pl.Trainer (its overhead)")  # fmt: skip
+    ap.add_argument(
+        "--reference-repo", default=None, help=f"checkout of {REFERENCE_URL} to time side by side"
+    )
+    ap.add_argument(
+        "--lightning",
+        action="store_true",
+        help="also time training_step inside a pl.Trainer (its overhead)",
+    )
     ap.add_argument("--translate-batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--translate-iters", type=int, default=5)
     ap.add_argument("--json", default=None, help="write the figures to this file")
@@ -458,8 +492,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {'batch':>5s} {'median_s':>9s} {'mean_s':>9s} {'images/s':>9s}")
         out["translate"] = {}
         for batch in args.translate_batch:
-            s = time_translate(ours, batch, cfg["height"], cfg["width"],
-                               args.translate_iters, args.warmup)  # fmt: skip
+            s = time_translate(
+                ours, batch, cfg["height"], cfg["width"], args.translate_iters, args.warmup
+            )
             out["translate"][str(batch)] = s
             print(f"  {batch:5d} {s['median_s']:9.4f} {s['mean_s']:9.4f} {s['images_per_s']:9.2f}")
 

@@ -52,9 +52,15 @@ def main() -> None:
     print(f"{'style':6s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
     for style in args.styles:
         backend = ProceduralBackend(
-            randomizer, taxonomy, seed=0, height=args.height, width=args.width, style=style,
-            batch_size=args.batch_size, compile=args.compile,
-        )  # fmt: skip
+            randomizer,
+            taxonomy,
+            seed=0,
+            height=args.height,
+            width=args.width,
+            style=style,
+            batch_size=args.batch_size,
+            compile=args.compile,
+        )
         backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up (and compile)
         start = time.perf_counter()
         for lo in range(0, args.frames, args.shard_size):

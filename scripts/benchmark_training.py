@@ -49,8 +49,9 @@ def main() -> None:
 
     taxonomy_cfg = OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml")
     taxonomy = instantiate(taxonomy_cfg)
-    model = instantiate(OmegaConf.load(CONFIGS / f"model/{args.model}.yaml"),
-                        num_classes=taxonomy.num_classes)  # fmt: skip
+    model = instantiate(
+        OmegaConf.load(CONFIGS / f"model/{args.model}.yaml"), num_classes=taxonomy.num_classes
+    )
     model = model.to(device, memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -64,8 +65,9 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch_size, 3, args.height, args.width, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, taxonomy.num_classes, (args.batch_size, args.height, args.width),
-                      device=device)  # fmt: skip
+    y = torch.randint(
+        0, taxonomy.num_classes, (args.batch_size, args.height, args.width), device=device
+    )
     model.train()
     times = []
     for step in range(args.steps + 2):
@@ -88,15 +90,17 @@ def main() -> None:
             "real_train": {"style": "photo", "seed": 2, "num_frames": 256},
         }
         gen = {"root": str(root), "randomization": "full", "shard_size": 128, "splits": splits}
-        ensure_procedural_datasets(gen, {"height": args.height, "width": args.width},
-                                   taxonomy_cfg)  # fmt: skip
+        ensure_procedural_datasets(gen, {"height": args.height, "width": args.width}, taxonomy_cfg)
         dm = SimRealDataModule(
             sim_train=GeneratedDataset(root / "sim_train"),
             real_train=GeneratedDataset(root / "real_train"),
-            sim_ratio=0.9, real_fraction=0.5, batch_size=args.batch_size,
-            batches_per_epoch=40, num_workers=args.workers,
+            sim_ratio=0.9,
+            real_fraction=0.5,
+            batch_size=args.batch_size,
+            batches_per_epoch=40,
+            num_workers=args.workers,
             augment=Augment(hflip=True, scale=(0.9, 1.1), color_jitter=0.1),
-        )  # fmt: skip
+        )
         loader = dm.train_dataloader()
         for _ in loader:  # warm-up epoch: page cache, worker start
             pass

@@ -80,13 +80,14 @@ def run_compare(cfg: DictConfig) -> Path:
         for sid in ids:
             jobs = job_hashes(Path(cfg.multirun_dir) / sid) if cfg.resolve_reused else {}
             # a sweep whose jobs all reused earlier runs has no run tagged with its id
-            runs += compare.fetch_runs(client, exp.experiment_id, [sid], name,
-                                       required=not jobs)  # fmt: skip
+            runs += compare.fetch_runs(client, exp.experiment_id, [sid], name, required=not jobs)
             if not cfg.resolve_reused:
                 continue
             if not jobs:
-                notes.append(f"sweep {sid}: no job folders in {Path(cfg.multirun_dir) / sid}; "
-                             "stages its jobs reused from earlier runs are missed")  # fmt: skip
+                notes.append(
+                    f"sweep {sid}: no job folders in {Path(cfg.multirun_dir) / sid}; "
+                    "stages its jobs reused from earlier runs are missed"
+                )
             found, missing = compare.fetch_by_hashes(client, exp.experiment_id, jobs)
             runs += found
             notes += [f"sweep {sid}: {m}" for m in missing]
@@ -96,11 +97,16 @@ def run_compare(cfg: DictConfig) -> Path:
         what = f"sweep {', '.join(ids)}" if ids else f"experiment {name}"
         raise ConfigError(f"sweep: no finished run in {what} ({'; '.join(left_out)})")
     report = compare.build_report(
-        rows, title=f"Compare {label}", metric=str(cfg.metric), columns=list(cfg.columns),
-        gap_metric=str(cfg.gap_metric), plot_keys=list(cfg.plot_keys),
-        method_key=str(cfg.method_key), stage=str(cfg.stage) if cfg.stage else None,
+        rows,
+        title=f"Compare {label}",
+        metric=str(cfg.metric),
+        columns=list(cfg.columns),
+        gap_metric=str(cfg.gap_metric),
+        plot_keys=list(cfg.plot_keys),
+        method_key=str(cfg.method_key),
+        stage=str(cfg.stage) if cfg.stage else None,
         ignore=[*compare.BOOKKEEPING, *cfg.ignore],
-    )  # fmt: skip
+    )
     report.notes[:0] = notes
     if notes:
         tail = "" if "\nNotes:\n" in report.markdown else "\nNotes:\n"
@@ -125,20 +131,36 @@ def run_compare(cfg: DictConfig) -> Path:
     return out
 
 
-def log_compare_run(client: Any, experiment_id: str, out: Path, ids: list[str],
-                    name: str | None, label: str, cfg: DictConfig,
-                    report: compare.Report) -> str:  # fmt: skip
+def log_compare_run(
+    client: Any,
+    experiment_id: str,
+    out: Path,
+    ids: list[str],
+    name: str | None,
+    label: str,
+    cfg: DictConfig,
+    report: compare.Report,
+) -> str:
     """A new run tagged ``stage=compare``, with the files of ``out`` as artifacts."""
-    tags = {"stage": "compare", "experiment": "compare", "sweep_id": ",".join(ids),
-            "compared_experiment": name or ""}  # fmt: skip
+    tags = {
+        "stage": "compare",
+        "experiment": "compare",
+        "sweep_id": ",".join(ids),
+        "compared_experiment": name or "",
+    }
     run = client.create_run(experiment_id, run_name=f"compare/{label}", tags=tags)
     run_id = run.info.run_id
     try:
         keys = compare.table_keys(report.keys)
-        params = {"sweep": ",".join(ids), "experiment": name or "", "stage": cfg.stage or "",
-                  "metric": cfg.metric, "configuration_keys": ",".join(keys),
-                  "runs": len({r for g in report.groups for r in g.run_ids}),
-                  "groups": len(report.groups)}  # fmt: skip
+        params = {
+            "sweep": ",".join(ids),
+            "experiment": name or "",
+            "stage": cfg.stage or "",
+            "metric": cfg.metric,
+            "configuration_keys": ",".join(keys),
+            "runs": len({r for g in report.groups for r in g.run_ids}),
+            "groups": len(report.groups),
+        }
         for key, value in params.items():
             client.log_param(run_id, key, str(value)[:6000])
         client.log_artifacts(run_id, str(out))

@@ -25,12 +25,20 @@ def main(cfg: DictConfig) -> None:
     current = instantiate_checked(cfg.current, expected_taxonomy_hash=taxonomy.hash)
     reference = instantiate_checked(cfg.reference, expected_taxonomy_hash=taxonomy.hash)
     result = check_champion(
-        uri, cfg.registry.name, cfg.tracking.experiment, current, reference,
-        taxonomy.num_classes, dict(cfg.thresholds), list(cfg.retrain.overrides),
-        str(cfg.paths.output), retrain=bool(cfg.retrain.enabled),
-        dry_run=bool(cfg.retrain.dry_run), drift_samples=int(cfg.drift_samples),
+        uri,
+        cfg.registry.name,
+        cfg.tracking.experiment,
+        current,
+        reference,
+        taxonomy.num_classes,
+        dict(cfg.thresholds),
+        list(cfg.retrain.overrides),
+        str(cfg.paths.output),
+        retrain=bool(cfg.retrain.enabled),
+        dry_run=bool(cfg.retrain.dry_run),
+        drift_samples=int(cfg.drift_samples),
         batch_size=int(cfg.batch_size),
-    )  # fmt: skip
+    )
     decision = "retrain: " + "; ".join(result.reasons) if result.reasons else "keep the champion"
     print(f"accuracy {result.accuracy:.4f}, PSI {result.psi:.3f} -> {decision}")
     if result.returncode not in (None, 0):

@@ -34,9 +34,16 @@ CONTACT_SHEET = "contact_sheet.png"
 
 # Backend arguments that change speed or where frames come from, never their content.
 _NON_CONTENT_KEYS = {
-    "batch_size", "compile", "host", "port", "timeout_s", "retries", "backoff_s", "tm_port",
+    "batch_size",
+    "compile",
+    "host",
+    "port",
+    "timeout_s",
+    "retries",
+    "backoff_s",
+    "tm_port",
     "episode_retries",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -194,9 +201,13 @@ def run_generate(cfg: Any) -> GenerationResult:
         "randomization_groups": randomizer.groups,
     }
     writer = DatasetWriter(
-        Path(cfg.output_dir), num_frames, shard_size, fingerprint, card_extra,
+        Path(cfg.output_dir),
+        num_frames,
+        shard_size,
+        fingerprint,
+        card_extra,
         overwrite=bool(cfg.overwrite),
-    )  # fmt: skip
+    )
     try:
         if not (writer.root / CARD_FILE).exists():
             backend.prepare()  # e.g. reach the CARLA server before touching the folder
@@ -207,8 +218,11 @@ def run_generate(cfg: Any) -> GenerationResult:
     if result.frames:
         log.info(
             "generated %d frames in %.1f s (%.1f frames/s) into %s",
-            result.frames, result.seconds, result.frames_per_second, result.root,
-        )  # fmt: skip
+            result.frames,
+            result.seconds,
+            result.frames_per_second,
+            result.root,
+        )
     status = "complete" if result.complete else "incomplete (other jobs still writing)"
     log.info("dataset %s: %s", result.root, status)
     return result

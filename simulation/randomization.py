@@ -56,9 +56,19 @@ VEHICLE_TYPES = ("car", "van", "truck", "bus", "motorcycle", "bicycle")
 
 #: CARLA maps the sampler may choose (``_Opt`` layered variants are accepted too).
 KNOWN_MAPS = (
-    "Town01", "Town02", "Town03", "Town04", "Town05", "Town06",
-    "Town07", "Town10HD", "Town11", "Town12", "Town13", "Town15",
-)  # fmt: skip
+    "Town01",
+    "Town02",
+    "Town03",
+    "Town04",
+    "Town05",
+    "Town06",
+    "Town07",
+    "Town10HD",
+    "Town11",
+    "Town12",
+    "Town13",
+    "Town15",
+)
 
 
 class RandomizationError(ValueError):

@@ -35,9 +35,16 @@ import numpy as np
 
 SERVER_VERSION = "0.9.16"
 DEFAULT_MAPS = (
-    "Town01", "Town02", "Town03", "Town04", "Town05", "Town06", "Town07", "Town10HD",
+    "Town01",
+    "Town02",
+    "Town03",
+    "Town04",
+    "Town05",
+    "Town06",
+    "Town07",
+    "Town10HD",
     "Town10HD_Opt",
-)  # fmt: skip
+)
 
 # CityObjectLabel ids the fake semantic camera draws
 SKY, ROAD, CAR, PEDESTRIAN = 11, 1, 14, 12
@@ -543,10 +550,26 @@ class Client:
 
 #: The double's classes that mirror ``carla.<name>``; ``command`` mirrors ``carla.command``.
 API_CLASSES = (
-    Location, Rotation, Transform, WeatherParameters, WorldSettings, ActorAttribute,
-    ActorBlueprint, BlueprintLibrary, Actor, Vehicle, Walker, WalkerAIController, Sensor,
-    ActorList, Image, Map, TrafficManager, World, Client,
-)  # fmt: skip
+    Location,
+    Rotation,
+    Transform,
+    WeatherParameters,
+    WorldSettings,
+    ActorAttribute,
+    ActorBlueprint,
+    BlueprintLibrary,
+    Actor,
+    Vehicle,
+    Walker,
+    WalkerAIController,
+    Sensor,
+    ActorList,
+    Image,
+    Map,
+    TrafficManager,
+    World,
+    Client,
+)
 
 
 # --- the fake simulator (test control; not part of the carla API) ----------------------

@@ -7,10 +7,30 @@ import json
 from scripts.benchmark_cyclegan import main
 
 TINY = [
-    "--config", "small", "--ngf", "4", "--ndf", "4", "--blocks", "2", "--batch", "2",
-    "--height", "32", "--width", "32", "--iters", "1", "--warmup", "0",
-    "--translate-batch", "1", "3", "--translate-iters", "1",
-]  # fmt: skip
+    "--config",
+    "small",
+    "--ngf",
+    "4",
+    "--ndf",
+    "4",
+    "--blocks",
+    "2",
+    "--batch",
+    "2",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--iters",
+    "1",
+    "--warmup",
+    "0",
+    "--translate-batch",
+    "1",
+    "3",
+    "--translate-iters",
+    "1",
+]
 
 
 def _positive(summary: dict) -> None:

@@ -20,31 +20,49 @@ from training.compare import RunRow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def params(seed: int, sim_ratio: float = 0.9, real_fraction: float = 0.1, method: str = "none",
-           stage: str = "finetune", output: str = "/out") -> dict[str, str]:  # fmt: skip
+def params(
+    seed: int,
+    sim_ratio: float = 0.9,
+    real_fraction: float = 0.1,
+    method: str = "none",
+    stage: str = "finetune",
+    output: str = "/out",
+) -> dict[str, str]:
     """Flattened params shaped like training's (JSON-ish text values)."""
     p = {
-        "seed": str(seed), "name": "smoke", "paths.output": output,
-        "tracking.sweep_id": "s1", "tracking.uri": "null", "stage.name": stage,
-        "stage.seed": str(seed), "stage.augment": f"Augment(seed={seed})",
-        "data.augment.seed": str(seed), "data.generate.root": f"{output}/data",
-        "data.generate.randomization": "light", "model.base_channels": "8",
+        "seed": str(seed),
+        "name": "smoke",
+        "paths.output": output,
+        "tracking.sweep_id": "s1",
+        "tracking.uri": "null",
+        "stage.name": stage,
+        "stage.seed": str(seed),
+        "stage.augment": f"Augment(seed={seed})",
+        "data.augment.seed": str(seed),
+        "data.generate.root": f"{output}/data",
+        "data.generate.randomization": "light",
+        "model.base_channels": "8",
         "adaptation.method": method,
         "adaptation.stages": "[]" if method == "none" else '["source_only"]',
-        "stages.source_only.init": "null", "stages.source_only.sim_ratio": "1.0",
+        "stages.source_only.init": "null",
+        "stages.source_only.sim_ratio": "1.0",
         "stages.source_only.real_fraction": "0.1",
-        "stages.finetune.init": "source_only", "stages.finetune.sim_ratio": str(sim_ratio),
+        "stages.finetune.init": "source_only",
+        "stages.finetune.sim_ratio": str(sim_ratio),
         "stages.finetune.real_fraction": str(real_fraction),
-    }  # fmt: skip
+    }
     if method == "dann":
         p["adaptation.weight"] = "1.0"
     return p
 
 
-def row(run_id: str, seed: int, miou: float, stage: str = "finetune", end: int = 0,
-        **kw) -> RunRow:  # fmt: skip
-    metrics = {"test/real/miou": miou, "test/sim/miou": miou + 0.1, "test/gap/miou": 0.1,
-               "test/real/pixel_acc": 0.5}  # fmt: skip
+def row(run_id: str, seed: int, miou: float, stage: str = "finetune", end: int = 0, **kw) -> RunRow:
+    metrics = {
+        "test/real/miou": miou,
+        "test/sim/miou": miou + 0.1,
+        "test/gap/miou": 0.1,
+        "test/real/pixel_acc": 0.5,
+    }
     return RunRow(run_id, stage, str(seed), params(seed, stage=stage, **kw), metrics, end_time=end)
 
 
@@ -61,8 +79,9 @@ def test_summarize_mean_and_sample_std():
 
 
 def test_varying_keys_ignore_seed_bookkeeping_and_other_stages():
-    rows = [row(f"f{s}{r}", s, 0.3, sim_ratio=r, output=f"/out{s}")
-            for s in (0, 1) for r in (0.5, 0.9)]  # fmt: skip
+    rows = [
+        row(f"f{s}{r}", s, 0.3, sim_ratio=r, output=f"/out{s}") for s in (0, 1) for r in (0.5, 0.9)
+    ]
     # one source_only run per seed, whichever job ran it first (its params say sim_ratio 0.5)
     rows += [row(f"s{s}", s, 0.1, stage="source_only", sim_ratio=0.5) for s in (0, 1)]
     keys = compare.varying_keys(rows)
@@ -82,11 +101,14 @@ def test_aliases_collapse_to_the_preferred_key_and_ancestors_count():
 
 def test_aggregate_per_configuration_and_stage_counts_each_seed_once():
     rows = [
-        row("a0", 0, 0.25, sim_ratio=0.5), row("a1", 1, 0.75, sim_ratio=0.5),
-        row("b0", 0, 0.10, sim_ratio=0.9), row("b1", 1, 0.20, sim_ratio=0.9),
+        row("a0", 0, 0.25, sim_ratio=0.5),
+        row("a1", 1, 0.75, sim_ratio=0.5),
+        row("b0", 0, 0.10, sim_ratio=0.9),
+        row("b1", 1, 0.20, sim_ratio=0.9),
         row("b1-again", 1, 0.30, sim_ratio=0.9, end=5, output="/elsewhere"),  # a rerun
-        row("s0", 0, 0.05, stage="source_only"), row("s1", 1, 0.07, stage="source_only"),
-    ]  # fmt: skip
+        row("s0", 0, 0.05, stage="source_only"),
+        row("s1", 1, 0.07, stage="source_only"),
+    ]
     keys = compare.varying_keys(rows)
     kept, notes = compare.dedupe_seeds(rows, keys)
     assert {r.run_id for r in kept} == {"a0", "a1", "b0", "b1-again", "s0", "s1"}
@@ -104,8 +126,11 @@ def test_aggregate_per_configuration_and_stage_counts_each_seed_once():
 
 
 def test_markdown_and_csv_tables():
-    rows = [row("a0", 0, 0.25, sim_ratio=0.5), row("a1", 1, 0.75, sim_ratio=0.5),
-            row("b0", 0, 0.123, sim_ratio=0.9)]  # fmt: skip
+    rows = [
+        row("a0", 0, 0.25, sim_ratio=0.5),
+        row("a1", 1, 0.75, sim_ratio=0.5),
+        row("b0", 0, 0.123, sim_ratio=0.9),
+    ]
     keys = compare.varying_keys(rows)
     groups = compare.aggregate(rows, keys, ["test/real/miou", "test/gap/miou"])
     cols = compare.table_keys(keys)
@@ -127,8 +152,12 @@ def test_markdown_and_csv_tables():
 
 
 def test_report_plots_when_keys_vary_and_skips_with_a_note():
-    rows = [row(f"{r}{f}{s}", s, 0.1 * s + r, sim_ratio=r, real_fraction=f)
-            for r in (0.5, 0.9) for f in (0.1, 0.3) for s in (0, 1)]  # fmt: skip
+    rows = [
+        row(f"{r}{f}{s}", s, 0.1 * s + r, sim_ratio=r, real_fraction=f)
+        for r in (0.5, 0.9)
+        for f in (0.1, 0.3)
+        for s in (0, 1)
+    ]
     report = compare.build_report(rows, title="t")
     assert set(report.plots) == {"real_miou_vs_sim_ratio.png", "real_miou_vs_real_fraction.png"}
     assert all(png.startswith(PNG) for png in report.plots.values())
@@ -168,8 +197,9 @@ def store(tmp_path_factory):
     for sweep in (SWEEP, "all-reused"):
         job = out / "multirun" / sweep / "0" / ".hydra"
         job.mkdir(parents=True)
-        OmegaConf.save(train_config(out, "seed=0", "stages.finetune.sim_ratio=0.5"),
-                       job / "config.yaml")  # fmt: skip
+        OmegaConf.save(
+            train_config(out, "seed=0", "stages.finetune.sim_ratio=0.5"), job / "config.yaml"
+        )
         hashes = compare.sweep_job_hashes(out / "multirun" / sweep)["0"]
     reused = {
         ("source_only", 0, 0.5): hashes["source_only"],
@@ -186,8 +216,12 @@ def store(tmp_path_factory):
         r = client.create_run(exp, run_name=f"smoke/{stage}", tags=tags)
         for key, value in params(seed, sim_ratio=ratio, stage=stage).items():
             client.log_param(r.info.run_id, key, value)
-        metrics = {"test/real/miou": real, "test/sim/miou": real + 0.125,
-                   "test/gap/miou": 0.125, "test/real/pixel_acc": 0.5}  # fmt: skip
+        metrics = {
+            "test/real/miou": real,
+            "test/sim/miou": real + 0.125,
+            "test/gap/miou": 0.125,
+            "test/real/pixel_acc": 0.5,
+        }
         for key, value in metrics.items():
             client.log_metric(r.info.run_id, key, value)
         client.set_terminated(r.info.run_id, status)
@@ -205,8 +239,10 @@ def store(tmp_path_factory):
 def train_config(out, *overrides):
     """The smoke training config a sweep job saves in ``.hydra/config.yaml``."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("train", ["experiment=smoke", f"paths.output={out}",
-                                 f"paths.data={out / 'data'}", *overrides])  # fmt: skip
+        return compose(
+            "train",
+            ["experiment=smoke", f"paths.output={out}", f"paths.data={out / 'data'}", *overrides],
+        )
 
 
 def compare_config(out, *overrides):
@@ -225,8 +261,10 @@ def test_script_end_to_end(store, monkeypatch, capsys):
     main(compare_config(out, f"sweep={SWEEP}"))
     folder = out / "compare" / SWEEP
     assert sorted(p.name for p in folder.iterdir()) == [
-        "real_miou_vs_sim_ratio.png", "table.csv", "table.md",
-    ]  # fmt: skip
+        "real_miou_vs_sim_ratio.png",
+        "table.csv",
+        "table.md",
+    ]
     md = (folder / "table.md").read_text()
     assert "| source_only |  | 0, 1 | 6.2 ± 0.0 (2) |" in md
     assert "| finetune | 0.5 | 0, 1 | 50.0 ± 35.4 (2) | 62.5 ± 35.4 (2) | 12.5 ± 0.0 (2) |" in md
@@ -247,8 +285,11 @@ def test_script_end_to_end(store, monkeypatch, capsys):
     assert logged == {"table.md", "table.csv", "real_miou_vs_sim_ratio.png"}
 
     # a second comparison ignores the compare run it logged; one stage, another metric
-    main(compare_config(out, f"sweep={SWEEP}", "stage=finetune", "metric=test/sim/miou",
-                        "log_to_mlflow=false"))  # fmt: skip
+    main(
+        compare_config(
+            out, f"sweep={SWEEP}", "stage=finetune", "metric=test/sim/miou", "log_to_mlflow=false"
+        )
+    )
     md = (folder / "table.md").read_text()
     assert "source_only" not in md and "sim_miou_vs_sim_ratio.png" in {
         p.name for p in folder.iterdir()

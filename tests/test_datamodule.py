@@ -418,8 +418,9 @@ class _GroupedSamples(TinySamples):
 
 
 def test_group_balanced_loader_draws_rare_groups_as_often():
-    dm = _dm(sim_train=_GroupedSamples(100, 0), sim_ratio=1.0, batches_per_epoch=40,
-             group_balanced=True)  # fmt: skip
+    dm = _dm(
+        sim_train=_GroupedSamples(100, 0), sim_ratio=1.0, batches_per_epoch=40, group_balanced=True
+    )
     groups = [g for batch in dm.train_dataloader() for g in batch["group"]]
     assert 0.4 < groups.count("night") / len(groups) < 0.6  # 10 % of the frames
     plain = _dm(sim_train=_GroupedSamples(100, 0), sim_ratio=1.0, batches_per_epoch=40)

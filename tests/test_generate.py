@@ -125,8 +125,15 @@ def test_unreachable_carla_server_stops_before_the_folder_is_touched(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = config(tmp_path, "backend=carla", "backend.host=127.0.0.1", f"backend.port={port}",
-                 "backend.timeout_s=0.5", "backend.retries=2", "backend.backoff_s=0.1")  # fmt: skip
+    cfg = config(
+        tmp_path,
+        "backend=carla",
+        "backend.host=127.0.0.1",
+        f"backend.port={port}",
+        "backend.timeout_s=0.5",
+        "backend.retries=2",
+        "backend.backoff_s=0.1",
+    )
     start = time.monotonic()
     with pytest.raises(CarlaConnectionError, match=f"127.0.0.1:{port}"):
         run_generate(cfg)
@@ -141,10 +148,18 @@ def test_unknown_preset_is_refused(tmp_path):
 
 def test_script_runs_and_reports_throughput(tmp_path):
     out = subprocess.run(
-        [sys.executable, "scripts/generate.py", *TINY, f"output_dir={tmp_path / 'cli'}",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/generate.py",
+            *TINY,
+            f"output_dir={tmp_path / 'cli'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "12 frames in" in out.stdout and "frames/s" in out.stdout
     assert (tmp_path / "cli" / "card.json").exists()

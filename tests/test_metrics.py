@@ -336,9 +336,18 @@ def test_prediction_grid_layout_and_colours():
 
 def test_confusion_matrix_image_is_a_varied_rgb_image():
     names = [
-        "road", "sidewalk", "building", "fence", "pole", "traffic_sign",
-        "vegetation", "terrain", "sky", "person", "vehicle",
-    ]  # fmt: skip
+        "road",
+        "sidewalk",
+        "building",
+        "fence",
+        "pole",
+        "traffic_sign",
+        "vegetation",
+        "terrain",
+        "sky",
+        "person",
+        "vehicle",
+    ]
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 50, (11, 11)) + np.diag(rng.integers(100, 1000, 11))
     img = confusion_matrix_image(torch.as_tensor(confusion), names, title="val/real")

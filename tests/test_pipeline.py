@@ -19,14 +19,26 @@ from training.run import StageResult, run_train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["log_model=false", "registry.enabled=false", "risk.enabled=false",
-        "stages.source_only.max_epochs=1"]  # fmt: skip
+FAST = [
+    "log_model=false",
+    "registry.enabled=false",
+    "risk.enabled=false",
+    "stages.source_only.max_epochs=1",
+]
 
 
 def smoke(tmp: Path, *overrides: str, config: str = "train"):
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose(config, ["experiment=smoke", f"paths.data={tmp / 'data'}",
-                                f"paths.output={tmp / 'out'}", *FAST, *overrides])  # fmt: skip
+        return compose(
+            config,
+            [
+                "experiment=smoke",
+                f"paths.data={tmp / 'data'}",
+                f"paths.output={tmp / 'out'}",
+                *FAST,
+                *overrides,
+            ],
+        )
 
 
 def client_of(tmp: Path) -> MlflowClient:
@@ -93,8 +105,13 @@ def test_a_kill_between_stages_resumes_with_the_same_parent_run(tmp_path, monkey
 def test_pipeline_nests_each_method_under_one_study_run(trained, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tmp, first = trained
-    overrides = ["experiment=smoke", f"paths.data={tmp / 'data'}", f"paths.output={tmp / 'out'}",
-                 *FAST, "methods=[none,dann]"]  # fmt: skip
+    overrides = [
+        "experiment=smoke",
+        f"paths.data={tmp / 'data'}",
+        f"paths.output={tmp / 'out'}",
+        *FAST,
+        "methods=[none,dann]",
+    ]
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("pipeline", overrides)
         by_method, table = run_pipeline(cfg, overrides)
@@ -121,9 +138,15 @@ def test_unknown_pipeline_method_is_refused_before_work(tmp_path):
 
 
 def test_summary_table_rows():
-    res = StageResult("finetune", Path("."), Path("x"), "r1",
-                      {"test/sim/miou": 0.5, "test/real/miou": 0.25, "test/gap/miou": 0.25},
-                      skipped=True, alerts=["data_drift_detected"])  # fmt: skip
+    res = StageResult(
+        "finetune",
+        Path("."),
+        Path("x"),
+        "r1",
+        {"test/sim/miou": 0.5, "test/real/miou": 0.25, "test/gap/miou": 0.25},
+        skipped=True,
+        alerts=["data_drift_detected"],
+    )
     table = summary_table({"none": {"finetune": res}})
     assert table.splitlines()[2] == (
         "| none | finetune | 50.0 | 25.0 | 25.0 | data_drift_detected | reused |"
@@ -135,11 +158,23 @@ def test_two_job_sweep_is_tagged_and_compared(trained):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     sweep = tmp / "out" / "multirun" / "two-jobs"
     out = subprocess.run(
-        [sys.executable, "scripts/train.py", "-m", "experiment=smoke", "seed=0,1",
-         f"paths.data={tmp / 'data'}", f"paths.output={tmp / 'out'}", *FAST,
-         f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/train.py",
+            "-m",
+            "experiment=smoke",
+            "seed=0,1",
+            f"paths.data={tmp / 'data'}",
+            f"paths.output={tmp / 'out'}",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = runs_by_stage(tmp)
     tagged = [r for r in runs["pipeline"] if r.data.tags.get("sweep_id") == "two-jobs"]
@@ -148,10 +183,19 @@ def test_two_job_sweep_is_tagged_and_compared(trained):
     reused = [r for r in runs["finetune"] if r.data.tags.get("sweep/two-jobs") == "reused"]
     assert len(reused) == 1
     cmp = subprocess.run(
-        [sys.executable, "scripts/compare.py", "sweep=two-jobs", f"paths.output={tmp / 'out'}",
-         "resolve_reused=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/compare.py",
+            "sweep=two-jobs",
+            f"paths.output={tmp / 'out'}",
+            "resolve_reused=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     finetune_row = [line for line in cmp.stdout.splitlines() if line.startswith("| finetune")]
     assert finetune_row and "(2)" in finetune_row[0]  # mean +- std over the two seeds

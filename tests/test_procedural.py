@@ -43,10 +43,10 @@ def base_params() -> SceneParams:
             mie_scattering_scale=0.03,
             rayleigh_scattering_scale=0.0331,
             dust_storm=5.0,
-        ),  # fmt: skip
+        ),
         camera=Camera(
             fov_deg=90.0, height_m=1.6, pitch_deg=-4.0, yaw_deg=1.0, roll_deg=1.0, lateral_m=0.2
-        ),  # fmt: skip
+        ),
         road=Road(
             curvature=0.003,
             lanes=2,
@@ -55,7 +55,7 @@ def base_params() -> SceneParams:
             building_height_m=12.0,
             building_density=0.6,
             tree_density=0.5,
-        ),  # fmt: skip
+        ),
         vehicles=(VehicleSpec("car", (200, 30, 30), 1.0),),
         pedestrians=(PedestrianSpec((30, 30, 200), 1.75),),
         sensor=Sensor(noise_std=0.01, blur_sigma_px=0.5, exposure_ev=0.2, vignetting=0.2),
@@ -98,9 +98,16 @@ def test_records_carry_full_provenance(taxonomy, randomizer_full):
 
 def _perturbations(p: SceneParams):
     """(name, changed params) for every sampled parameter."""
-    big = {"dust_storm": 60.0, "fog_falloff": 3.0, "sun_azimuth_angle": 200.0,
-           "wind_intensity": 90.0, "sun_altitude_angle": 60.0, "fog_distance": 40.0,
-           "mie_scattering_scale": 0.2, "rayleigh_scattering_scale": 0.01}  # fmt: skip
+    big = {
+        "dust_storm": 60.0,
+        "fog_falloff": 3.0,
+        "sun_azimuth_angle": 200.0,
+        "wind_intensity": 90.0,
+        "sun_altitude_angle": 60.0,
+        "fog_distance": 40.0,
+        "mie_scattering_scale": 0.2,
+        "rayleigh_scattering_scale": 0.01,
+    }
     for block in ("weather", "camera", "road", "sensor"):
         obj = getattr(p, block)
         for f in dataclasses.fields(obj):
@@ -185,8 +192,9 @@ def test_weather_and_light_act_on_the_image(taxonomy):
     night = dataclasses.replace(clear, weather=Weather(sun_altitude_angle=-40.0))
     img_night, _ = render_one(r, night)
     assert img_night.mean() < 0.7 * img_day.mean()
-    fog = dataclasses.replace(clear, weather=Weather(sun_altitude_angle=50.0, fog_density=90.0,
-                                                     fog_distance=0.0))  # fmt: skip
+    fog = dataclasses.replace(
+        clear, weather=Weather(sun_altitude_angle=50.0, fog_density=90.0, fog_distance=0.0)
+    )
     img_fog, _ = render_one(r, fog)
     # fog washes out contrast, most of all far away (down the road, near the horizon)
     far = (slice(H // 4, H // 2 + 4), slice(W // 2 - W // 6, W // 2 + W // 6))
@@ -210,11 +218,16 @@ def test_sprites_nearest_wins_whatever_the_order():
     emissive = np.zeros((n, h, w), np.float32)
     pole = TEMPLATE_ID["pole"]
     sprites = Sprites(
-        frame=np.array([0, 0]), u0=np.array([2.0, 6.0]), v0=np.array([2.0, 2.0]),
-        w=np.array([10.0, 12.0]), h=np.array([10.0, 10.0]), depth=np.array([10.0, 5.0], np.float32),
-        template=np.array([pole, pole]), label=np.array([3, 7], np.uint8),
+        frame=np.array([0, 0]),
+        u0=np.array([2.0, 6.0]),
+        v0=np.array([2.0, 2.0]),
+        w=np.array([10.0, 12.0]),
+        h=np.array([10.0, 10.0]),
+        depth=np.array([10.0, 5.0], np.float32),
+        template=np.array([pole, pole]),
+        label=np.array([3, 7], np.uint8),
         color=np.zeros((2, 3), np.float32),
-    )  # fmt: skip
+    )
     rasterize(sprites, depth, label, albedo, emissive, part_colors({}))
     assert label[0, 5, 3] == 3  # only the far sprite covers column 3
     assert label[0, 5, 8] == 7  # overlap: the nearer sprite wins although drawn second
@@ -222,8 +235,9 @@ def test_sprites_nearest_wins_whatever_the_order():
     assert depth[0, 5, 8] == 5.0 and depth[0, 5, 3] == 10.0
 
 
-@pytest.mark.parametrize(("key", "kwargs"), [("image.height", {"height": 0}),
-                                             ("image.width", {"width": -3})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "kwargs"), [("image.height", {"height": 0}), ("image.width", {"width": -3})]
+)
 def test_bad_image_size_names_the_key(taxonomy, randomizer_full, key, kwargs):
     args = {"height": H, "width": W, **kwargs}
     with pytest.raises(ValueError, match=key):

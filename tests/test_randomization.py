@@ -85,12 +85,19 @@ def test_scene_params_round_trip(randomizer_full):
         ({"pedestrians": {"colour": 1}}, "randomization.pedestrians.colour: unknown key"),
         ({"road": {"lanes": "two"}}, "randomization.road.lanes: expected a number or a"),
         ({"sensor": {"iso": 100}}, "randomization.sensor.iso: unknown key"),
-        ({"weather_by_group": {"rain": {"precipitation": [10, 50]}}, "condition": {"rain": 1.0}},
-         "randomization.weather_by_group.rain.precipitation: range .* must lie in"),
-        ({"weather_by_group": {"night": {"sun_altitude_angle": [-10, 10]}},
-          "time_of_day": {"night": 1.0}}, "weather_by_group.night.sun_altitude_angle"),
+        (
+            {"weather_by_group": {"rain": {"precipitation": [10, 50]}}, "condition": {"rain": 1.0}},
+            "randomization.weather_by_group.rain.precipitation: range .* must lie in",
+        ),
+        (
+            {
+                "weather_by_group": {"night": {"sun_altitude_angle": [-10, 10]}},
+                "time_of_day": {"night": 1.0},
+            },
+            "weather_by_group.night.sun_altitude_angle",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(RandomizationError, match=match):
         DomainRandomizer(**{**BASE, **override})

@@ -249,9 +249,14 @@ def test_group_balanced_draws_equalize_condition_groups():
     assert w.sum() == pytest.approx(1.0)
     assert w[0] == pytest.approx(1 / 180) and w[-1] == pytest.approx(1 / 20)
     sampler = ExactRatioBatchSampler(
-        num_sim=100, num_real=0, batch_size=20, sim_ratio=1.0, batches_per_epoch=200, seed=3,
+        num_sim=100,
+        num_real=0,
+        batch_size=20,
+        sim_ratio=1.0,
+        batches_per_epoch=200,
+        seed=3,
         sim_weights=w,
-    )  # fmt: skip
+    )
     drawn = Counter(groups[i] for batch in sampler for i in batch)
     share = drawn["night-fog"] / sum(drawn.values())
     assert 0.45 < share < 0.55  # 10 % of the frames, half of the draws

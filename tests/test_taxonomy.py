@@ -8,9 +8,18 @@ from simulation.taxonomy import IGNORE_INDEX, Taxonomy, TaxonomyError
 
 def test_drive11_classes_and_mappings(taxonomy):
     assert taxonomy.classes == (
-        "road", "sidewalk", "building", "fence", "pole", "traffic_sign",
-        "vegetation", "terrain", "sky", "person", "vehicle",
-    )  # fmt: skip
+        "road",
+        "sidewalk",
+        "building",
+        "fence",
+        "pole",
+        "traffic_sign",
+        "vegetation",
+        "terrain",
+        "sky",
+        "person",
+        "vehicle",
+    )
     carla = taxonomy.lut("carla")
     # CARLA CityObjectLabel ids: 1 Roads, 24 RoadLines, 11 Sky, 12 Pedestrians, 13 Rider,
     # 14..19 vehicles, 0 unlabeled, 22 Other
@@ -52,10 +61,12 @@ def test_hash_is_stable_and_changes_with_mapping(taxonomy):
         ({"classes": ["a"], "colors": [[0, 0, 0], [1, 1, 1]]}, "taxonomy.colors"),
         ({"classes": ["a"], "colors": [[0, 0, 300]]}, r"taxonomy.colors\[a\]"),
         ({"classes": ["a"], "colors": [[0, 0, 0]], "mappings": {"kitti": {}}}, "kitti"),
-        ({"classes": ["a"], "colors": [[0, 0, 0]], "mappings": {"carla": {1: "b"}}},
-         r"taxonomy.mappings.carla.1: unknown class 'b'"),
+        (
+            {"classes": ["a"], "colors": [[0, 0, 0]], "mappings": {"carla": {1: "b"}}},
+            r"taxonomy.mappings.carla.1: unknown class 'b'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_taxonomy_names_the_key(kwargs, match):
     with pytest.raises(TaxonomyError, match=match):
         Taxonomy(**kwargs)

@@ -31,12 +31,21 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STARTUP_S = 90.0  # a loaded 2-core machine takes 10-20 s
 #: the smoke experiment, smaller still: what is tested here is the tracking, not the training
 FASTER = [
-    "data.loader.batches_per_epoch=4", "trainer.log_every_n_steps=2",
-    "risk.latency_kinds=[eager]", "risk.latency_runs=2",
-    *(f"data.generate.splits.{split}.num_frames={n}"
-      for split, n in (("sim_train", 48), ("real_train", 48), ("sim_val", 12),
-                       ("real_val", 12), ("real_test", 12))),
-]  # fmt: skip
+    "data.loader.batches_per_epoch=4",
+    "trainer.log_every_n_steps=2",
+    "risk.latency_kinds=[eager]",
+    "risk.latency_runs=2",
+    *(
+        f"data.generate.splits.{split}.num_frames={n}"
+        for split, n in (
+            ("sim_train", 48),
+            ("real_train", 48),
+            ("sim_val", 12),
+            ("real_val", 12),
+            ("real_test", 12),
+        )
+    ),
+]
 
 
 def free_port() -> int:
@@ -54,19 +63,33 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "artifacts"
         self.command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         # the job runner (huey consumers, for GenAI evaluation jobs) is not needed here
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.log = (root / "server.log").open("w")
         self.proc = subprocess.Popen(
-            self.command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            self.command,
+            cwd=root,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     def wait_ready(self, timeout_s: float = STARTUP_S) -> float:
         started = time.monotonic()
@@ -254,12 +277,21 @@ def test_a_sweep_is_refused_before_its_first_job(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"http://127.0.0.1:{free_port()}"
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = GlobalHydra.instance().config_loader().load_configuration(
-            "train",
-            ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
-             f"paths.output={tmp_path / 'out'}", f"tracking.uri={uri}", "seed=0,1"],
-            RunMode.MULTIRUN,
-        )  # fmt: skip
+        cfg = (
+            GlobalHydra.instance()
+            .config_loader()
+            .load_configuration(
+                "train",
+                [
+                    "experiment=smoke",
+                    f"paths.data={tmp_path / 'data'}",
+                    f"paths.output={tmp_path / 'out'}",
+                    f"tracking.uri={uri}",
+                    "seed=0,1",
+                ],
+                RunMode.MULTIRUN,
+            )
+        )
         check = "training.tracking_server.check_tracking_config"
         started = time.monotonic()
         with pytest.raises(SystemExit) as stop:
@@ -300,10 +332,17 @@ def trained(server, tmp_path_factory):
         with initialize_config_dir(str(CONFIGS), version_base="1.3"):
             cfg = compose(
                 "train",
-                ["experiment=smoke", f"paths.data={tmp / 'data'}", f"paths.output={tmp / 'out'}",
-                 f"tracking.uri={server.uri}", "log_model=true", "registry.enabled=false",
-                 "stages.source_only.max_epochs=1", *FASTER],
-            )  # fmt: skip
+                [
+                    "experiment=smoke",
+                    f"paths.data={tmp / 'data'}",
+                    f"paths.output={tmp / 'out'}",
+                    f"tracking.uri={server.uri}",
+                    "log_model=true",
+                    "registry.enabled=false",
+                    "stages.source_only.max_epochs=1",
+                    *FASTER,
+                ],
+            )
         check_tracking(cfg.paths.output, cfg.tracking.uri)
         started = time.monotonic()
         results = run_train(cfg)
@@ -359,8 +398,9 @@ def test_artifacts_are_served_and_stored_by_the_server(server, trained, tmp_path
         got = Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path)))
         text = got.read_text()
         assert "name: smoke" in text and server.uri in text
-        ckpt = Path(client.download_artifacts(result.run_id, "checkpoints/best.ckpt",
-                                              str(tmp_path)))  # fmt: skip
+        ckpt = Path(
+            client.download_artifacts(result.run_id, "checkpoints/best.ckpt", str(tmp_path))
+        )
         assert ckpt.read_bytes() == result.checkpoint.read_bytes()
         # ... from the server's --artifacts-destination
         stored = server.artifacts / run.info.experiment_id / result.run_id / "artifacts"

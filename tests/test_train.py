@@ -23,9 +23,13 @@ def smoke_config(tmp_path, *overrides: str):
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose(
             "train",
-            ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
-             f"paths.output={tmp_path / 'out'}", *overrides],
-        )  # fmt: skip
+            [
+                "experiment=smoke",
+                f"paths.data={tmp_path / 'data'}",
+                f"paths.output={tmp_path / 'out'}",
+                *overrides,
+            ],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
         "test/gap/miou",
         "test/real/macro_f1",
     ):
-        assert key in metrics, key  # fmt: skip
+        assert key in metrics, key
     assert any(k.startswith("val/real/") and k.endswith("-clear/miou") for k in metrics)
     params = run.data.params
     assert params["stages.finetune.sim_ratio"] == "0.9"
@@ -122,8 +126,11 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert parent.info.status == "FINISHED"
     stages = client.download_artifacts(parent.info.run_id, "pipeline/stages.json", str(tmp))
     listed = json.loads(Path(stages).read_text())
-    assert listed["finetune"] == {"run_id": results["finetune"].run_id, "reused": True,
-                                  "alerts": results["finetune"].alerts}  # fmt: skip
+    assert listed["finetune"] == {
+        "run_id": results["finetune"].run_id,
+        "reused": True,
+        "alerts": results["finetune"].alerts,
+    }
 
 
 def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
@@ -140,16 +147,29 @@ def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(SegmentationTask, "on_train_epoch_start", dies_in_second_epoch)
-    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=0",
-                       "stages.source_only.max_epochs=2", "log_model=false")  # fmt: skip
+    cfg = smoke_config(
+        tmp_path,
+        "experiment=source_only",
+        "data=smoke",
+        "retries=0",
+        "stages.source_only.max_epochs=2",
+        "log_model=false",
+    )
     with pytest.raises(RuntimeError, match="spot instance"):
         run_train(cfg)
     run_dirs = list((tmp_path / "out" / "runs").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "last.ckpt").exists()
     first_id = (run_dirs[0] / "mlflow_run_id.txt").read_text()
-    results = run_train(smoke_config(tmp_path, "experiment=source_only", "data=smoke",
-                                     "retries=0", "stages.source_only.max_epochs=2",
-                                     "log_model=false"))  # fmt: skip
+    results = run_train(
+        smoke_config(
+            tmp_path,
+            "experiment=source_only",
+            "data=smoke",
+            "retries=0",
+            "stages.source_only.max_epochs=2",
+            "log_model=false",
+        )
+    )
     assert results["source_only"].run_id == first_id
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     history = client.get_metric_history(first_id, "val/real/miou")
@@ -166,11 +186,22 @@ def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run(
-        [sys.executable, "scripts/train.py", "experiment=smoke", "trainer=ddp_cpu",
-         f"paths.data={tmp_path / 'data'}", f"paths.output={tmp_path / 'out'}",
-         "log_model=false", "stages.source_only.max_epochs=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/train.py",
+            "experiment=smoke",
+            "trainer=ddp_cpu",
+            f"paths.data={tmp_path / 'data'}",
+            f"paths.output={tmp_path / 'out'}",
+            "log_model=false",
+            "stages.source_only.max_epochs=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MEMBER: 2/2" in out.stderr
     assert out.stdout.count("| finetune |") == 1  # rank zero reports, once
@@ -196,8 +227,14 @@ def test_transient_failure_is_retried(tmp_path, monkeypatch):
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(SegmentationTask, "training_step", flaky)
-    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=1",
-                       "stages.source_only.max_epochs=1", "log_model=false")  # fmt: skip
+    cfg = smoke_config(
+        tmp_path,
+        "experiment=source_only",
+        "data=smoke",
+        "retries=1",
+        "stages.source_only.max_epochs=1",
+        "log_model=false",
+    )
     results = run_train(cfg)
     run = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(
         results["source_only"].run_id
@@ -230,26 +267,41 @@ def test_bad_input_stops_before_training(smoke_run, override, error, match):
 def test_real_fraction_leaving_no_real_images(smoke_run):
     tmp, _ = smoke_run
     with pytest.raises(ValueError, match="data.real_fraction"):
-        run_train(smoke_config(tmp, "experiment=real_only", "data=smoke",
-                               "stages.real_only.real_fraction=0.0",
-                               "paths.output=" + str(tmp / "bad2")))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "experiment=real_only",
+                "data=smoke",
+                "stages.real_only.real_fraction=0.0",
+                "paths.output=" + str(tmp / "bad2"),
+            )
+        )
 
 
 def test_taxonomy_mismatch_is_refused(smoke_run):
     tmp, _ = smoke_run
     # the generated splits were made with the other taxonomy: refused, never reused
     with pytest.raises(DatasetError, match="generation.json.*fingerprint.taxonomy_hash"):
-        run_train(smoke_config(tmp, "taxonomy.colors.0=[1,2,3]",
-                               "paths.output=" + str(tmp / "bad3")))  # fmt: skip
+        run_train(
+            smoke_config(tmp, "taxonomy.colors.0=[1,2,3]", "paths.output=" + str(tmp / "bad3"))
+        )
 
 
 def test_checkpoint_of_another_architecture_is_refused(smoke_run):
     tmp, results = smoke_run
     ckpt = results["source_only"].checkpoint
     with pytest.raises(ValueError, match="architecture|arch"):
-        run_train(smoke_config(tmp, "experiment=finetune", "data=smoke", "model=deeplab",
-                               f"stages.finetune.init={ckpt}", "~stages.source_only",
-                               "paths.output=" + str(tmp / "bad4")))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "experiment=finetune",
+                "data=smoke",
+                "model=deeplab",
+                f"stages.finetune.init={ckpt}",
+                "~stages.source_only",
+                "paths.output=" + str(tmp / "bad4"),
+            )
+        )
 
 
 def test_risk_register_is_assessed_and_published(smoke_run):
@@ -268,7 +320,7 @@ def test_risk_register_is_assessed_and_published(smoke_run):
         "risk/T-10/sim_train/dropped",
         "risk/O-01/daily_cost_ratio",
     ):
-        assert key in m, key  # fmt: skip
+        assert key in m, key
     assert m["risk/T-01/accuracy"] == pytest.approx(res.metrics["test/real/pixel_acc"])
     assert m["risk/T-09/gap_miou"] == pytest.approx(res.metrics["test/gap/miou"])
     assert m["risk/T-09/source_only_real_miou"] == pytest.approx(
@@ -312,11 +364,18 @@ def test_monitor_retrains_only_past_a_threshold(smoke_run, thresholds, retrain):
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
     data = tmp / "data" / "smoke"
     result = check_champion(
-        uri, "sim2real-segmenter-smoke", "sim2real-drive", GeneratedDataset(data / "real_test"),
-        GeneratedDataset(data / "real_train"), 11, thresholds,
-        ["experiment=finetune", "data=smoke"], str(tmp / "retrain"), dry_run=True,
+        uri,
+        "sim2real-segmenter-smoke",
+        "sim2real-drive",
+        GeneratedDataset(data / "real_test"),
+        GeneratedDataset(data / "real_train"),
+        11,
+        thresholds,
+        ["experiment=finetune", "data=smoke"],
+        str(tmp / "retrain"),
+        dry_run=True,
         drift_samples=24,
-    )  # fmt: skip
+    )
     assert result.retrain is retrain
     assert 0.0 <= result.accuracy <= 1.0
     run = MlflowClient(uri).get_run(result.run_id)
@@ -346,8 +405,9 @@ def test_failed_stage_raises_the_job_failure_alert(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(SegmentationTask, "training_step", broken)
-    cfg = smoke_config(tmp_path, "experiment=source_only", "data=smoke", "retries=0",
-                       "log_model=false")  # fmt: skip
+    cfg = smoke_config(
+        tmp_path, "experiment=source_only", "data=smoke", "retries=0", "log_model=false"
+    )
     with pytest.raises(OSError, match="disk full"):
         run_train(cfg)
     run_dir = next((tmp_path / "out" / "runs").iterdir())
@@ -370,16 +430,27 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
     data = tmp / "data" / "smoke"
     result = check_champion(
-        uri, "sim2real-segmenter-smoke", "sim2real-drive", GeneratedDataset(data / "real_test"),
-        GeneratedDataset(data / "real_train"), 11, {"accuracy": 0.99, "psi": 1e9},
-        ["experiment=smoke", f"paths.data={tmp / 'data'}",
-         f"data.datasets.real_train.root={data / 'real_test'}"],
-        str(tmp / "out"), drift_samples=24,
-    )  # fmt: skip
+        uri,
+        "sim2real-segmenter-smoke",
+        "sim2real-drive",
+        GeneratedDataset(data / "real_test"),
+        GeneratedDataset(data / "real_train"),
+        11,
+        {"accuracy": 0.99, "psi": 1e9},
+        [
+            "experiment=smoke",
+            f"paths.data={tmp / 'data'}",
+            f"data.datasets.real_train.root={data / 'real_test'}",
+        ],
+        str(tmp / "out"),
+        drift_samples=24,
+    )
     assert result.returncode == 0
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id],
-                              filter_string="tags.trigger LIKE 'T-01%'")  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("sim2real-drive").experiment_id],
+        filter_string="tags.trigger LIKE 'T-01%'",
+    )
     # the sim-only source_only stage does not read the real training split: it is reused,
     # and only the finetune trains again, tagged with why; the monitor's run records it too
     assert {r.data.tags["stage"] for r in runs} - {"monitor"} == {"finetune", "pipeline"}
@@ -396,8 +467,13 @@ def test_dann_adapts_the_pretraining_stage(smoke_run, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tmp, plain = smoke_run
     out = tmp / "dann"
-    cfg = smoke_config(tmp, "adaptation=dann", f"paths.output={out}",
-                       "stages.source_only.max_epochs=1", "log_model=false")  # fmt: skip
+    cfg = smoke_config(
+        tmp,
+        "adaptation=dann",
+        f"paths.output={out}",
+        "stages.source_only.max_epochs=1",
+        "log_model=false",
+    )
     results = run_train(cfg)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     src = client.get_run(results["source_only"].run_id).data.metrics
@@ -414,20 +490,36 @@ def test_dann_adapts_the_pretraining_stage(smoke_run, monkeypatch):
 def test_unknown_adaptation_method_is_refused(smoke_run):
     tmp, _ = smoke_run
     with pytest.raises(ConfigError, match="adaptation.method: expected one of"):
-        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.method=pix2pix",
-                               "paths.output=" + str(tmp / "bad5")))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "adaptation=dann",
+                "adaptation.method=pix2pix",
+                "paths.output=" + str(tmp / "bad5"),
+            )
+        )
     with pytest.raises(ConfigError, match="adaptation.dann.stages: 'oracle' is not a stage"):
-        run_train(smoke_config(tmp, "adaptation=dann", "adaptation.dann.stages=[oracle]",
-                               "paths.output=" + str(tmp / "bad6")))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "adaptation=dann",
+                "adaptation.dann.stages=[oracle]",
+                "paths.output=" + str(tmp / "bad6"),
+            )
+        )
 
 
 def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tmp, plain = smoke_run
     out = tmp / "cyclegan"
-    cfg = smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}", "log_model=false",
-                       "adaptation.cyclegan.image_every=12",
-                       )  # fmt: skip
+    cfg = smoke_config(
+        tmp,
+        "adaptation=cyclegan",
+        f"paths.output={out}",
+        "log_model=false",
+        "adaptation.cyclegan.image_every=12",
+    )
     results = run_train(cfg)
     assert list(results) == ["source_only (no adaptation)", "source_only", "finetune"]
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -462,19 +554,38 @@ def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
     assert results["source_only (no adaptation)"].run_dir.name == plain["source_only"].run_dir.name
     assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
     # a rerun trains nothing
-    again = run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}",
-                                   "log_model=false", "adaptation.cyclegan.image_every=12",
-                                   ))  # fmt: skip
+    again = run_train(
+        smoke_config(
+            tmp,
+            "adaptation=cyclegan",
+            f"paths.output={out}",
+            "log_model=false",
+            "adaptation.cyclegan.image_every=12",
+        )
+    )
     assert all(r.skipped for r in again.values())
     # bad input, before any work: a missing generator run, a generator of another size
     with pytest.raises(ConfigError, match="adaptation.cyclegan.generator: no MLflow run"):
-        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={out}",
-                               "adaptation.cyclegan.generator=0123456789abcdef"))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "adaptation=cyclegan",
+                f"paths.output={out}",
+                "adaptation.cyclegan.generator=0123456789abcdef",
+            )
+        )
     with pytest.raises(ConfigError, match=r"trained on 64x128 images, the data are 32x64"):
-        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad7'}",
-                               "adaptation.cyclegan.generator=" + gan_run.info.run_id,
-                               f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-                               "data.image.height=32", "data.image.width=64"))  # fmt: skip
+        run_train(
+            smoke_config(
+                tmp,
+                "adaptation=cyclegan",
+                f"paths.output={tmp / 'bad7'}",
+                "adaptation.cyclegan.generator=" + gan_run.info.run_id,
+                f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+                "data.image.height=32",
+                "data.image.width=64",
+            )
+        )
     assert not (tmp / "bad7" / "runs").exists()
 
 
@@ -482,9 +593,10 @@ def test_empty_unlabeled_real_folder_is_refused_before_work(smoke_run):
     tmp, _ = smoke_run
     empty = tmp / "empty_real"
     empty.mkdir()
-    node = ("data.datasets.real_unlabeled={_target_: simulation.real_data.ImageFolderDataset,"
-            f" root: '{empty}', size: [64, 128]}}")  # fmt: skip
+    node = (
+        "data.datasets.real_unlabeled={_target_: simulation.real_data.ImageFolderDataset,"
+        f" root: '{empty}', size: [64, 128]}}"
+    )
     with pytest.raises(ConfigError, match=r"data.datasets.real_unlabeled: .*no images"):
-        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad8'}",
-                               node))  # fmt: skip
+        run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad8'}", node))
     assert not (tmp / "bad8" / "runs").exists()

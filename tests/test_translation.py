@@ -44,14 +44,18 @@ def make_dataset(root, n=10, shard=4, h=8, w=12, seed=0) -> GeneratedDataset:
     masks[:, :, third : 2 * third] = 1
     masks[:, :, 2 * third :] = 2
     masks[:, 0, 0] = 255  # an ignored pixel survives translation too
-    writer = DatasetWriter(root, n, shard, {"taxonomy_hash": "tax", "kind": "test"},
-                           card_extra={"name": "sim_train"})  # fmt: skip
+    writer = DatasetWriter(
+        root, n, shard, {"taxonomy_hash": "tax", "kind": "test"}, card_extra={"name": "sim_train"}
+    )
     for k in writer.open():
         rng_k = shard_ranges(n, shard)[k]
-        records = [{"index": i, "seed": 7, "group": "day_clear", "params": {"sun": i / 10}}
-                   for i in rng_k]  # fmt: skip
-        writer.write_shard(k, FrameBatch(images[rng_k.start : rng_k.stop],
-                                         masks[rng_k.start : rng_k.stop], records))  # fmt: skip
+        records = [
+            {"index": i, "seed": 7, "group": "day_clear", "params": {"sun": i / 10}} for i in rng_k
+        ]
+        writer.write_shard(
+            k,
+            FrameBatch(images[rng_k.start : rng_k.stop], masks[rng_k.start : rng_k.stop], records),
+        )
     writer.finalize(len(CLASSES), CLASSES)
     return GeneratedDataset(root)
 

@@ -44,16 +44,29 @@ log = logging.getLogger(__name__)
 #: not change a stage's result (risk monitors, registry, logging, worker counts). ``stage.*``
 #: is the data module's description of the stage, derived from ``stages.<name>.*``.
 BOOKKEEPING = (
-    "seed", "name", "progress", "log_model", "retries",
-    "paths.*", "tracking.*", "hydra.*", "stage.*", "registry.*", "risk.*",
-    "data.augment.seed", "data.loader.num_workers", "*.root",
-)  # fmt: skip
+    "seed",
+    "name",
+    "progress",
+    "log_model",
+    "retries",
+    "paths.*",
+    "tracking.*",
+    "hydra.*",
+    "stage.*",
+    "registry.*",
+    "risk.*",
+    "data.augment.seed",
+    "data.loader.num_workers",
+    "*.root",
+)
 
 #: Keys kept as columns even when another key varies the same way (an alias).
 PREFERRED = (
-    "adaptation.method", "stages.finetune.sim_ratio", "stages.finetune.real_fraction",
+    "adaptation.method",
+    "stages.finetune.sim_ratio",
+    "stages.finetune.real_fraction",
     "data.generate.randomization",
-)  # fmt: skip
+)
 
 #: Table columns by default (all fractions).
 DEFAULT_COLUMNS = ("test/real/miou", "test/sim/miou", "test/gap/miou", "test/real/pixel_acc")
@@ -69,9 +82,17 @@ LABELS = {
 NOT_RESULTS = ("monitor", "compare", "pipeline", "study", "cyclegan")
 
 _FRACTION_LEAVES = {
-    "miou", "pixel_acc", "macro_f1", "macro_precision", "macro_recall", "accuracy", "f1",
-    "precision", "recall", "iou",
-}  # fmt: skip
+    "miou",
+    "pixel_acc",
+    "macro_f1",
+    "macro_precision",
+    "macro_recall",
+    "accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "iou",
+}
 _MISSING = "—"
 
 
@@ -94,14 +115,20 @@ def row_from_run(run: Any) -> RunRow:
     """An MLflow ``Run`` as a :class:`RunRow`."""
     tags, params = run.data.tags, dict(run.data.params)
     return RunRow(
-        run_id=run.info.run_id, stage=tags.get("stage", ""), seed=params.get("seed"),
-        params=params, metrics=dict(run.data.metrics), sweep_id=tags.get("sweep_id", ""),
-        config_hash=tags.get("config_hash", ""), end_time=int(run.info.end_time or 0),
-    )  # fmt: skip
+        run_id=run.info.run_id,
+        stage=tags.get("stage", ""),
+        seed=params.get("seed"),
+        params=params,
+        metrics=dict(run.data.metrics),
+        sweep_id=tags.get("sweep_id", ""),
+        config_hash=tags.get("config_hash", ""),
+        end_time=int(run.info.end_time or 0),
+    )
 
 
-def finished_rows(runs: Iterable[Any], exclude_stages: Sequence[str] = NOT_RESULTS
-                  ) -> tuple[list[RunRow], list[str]]:  # fmt: skip
+def finished_rows(
+    runs: Iterable[Any], exclude_stages: Sequence[str] = NOT_RESULTS
+) -> tuple[list[RunRow], list[str]]:
     """The FINISHED runs as rows (each run id once), and notes on the runs left out."""
     rows: dict[str, RunRow] = {}
     left_out: Counter[str] = Counter()
@@ -123,8 +150,9 @@ def search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]
     runs: list[Any] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  max_results=1000, page_token=token)  # fmt: skip
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -144,8 +172,13 @@ def known_tag_values(client: Any, experiment_id: str, tag: str) -> list[str]:
     return sorted(values)
 
 
-def fetch_runs(client: Any, experiment_id: str, sweep_ids: Sequence[str] = (),
-               name: str | None = None, required: bool = True) -> list[Any]:  # fmt: skip
+def fetch_runs(
+    client: Any,
+    experiment_id: str,
+    sweep_ids: Sequence[str] = (),
+    name: str | None = None,
+    required: bool = True,
+) -> list[Any]:
     """The runs tagged with any of ``sweep_ids`` (and, if given, experiment ``name``); with
     no sweep id, every run tagged experiment ``name``. Monitor and compare runs excluded.
 
@@ -164,8 +197,11 @@ def fetch_runs(client: Any, experiment_id: str, sweep_ids: Sequence[str] = (),
     for sweep_id in sweep_ids or [None]:
         sweep_filter = f"tags.sweep_id = {_quote(sweep_id)}" if sweep_id else ""
         text = (sweep_filter + name_filter).removeprefix(" and ")
-        found = [r for r in search_all(client, experiment_id, text)
-                 if r.data.tags.get("stage") not in NOT_RESULTS]  # fmt: skip
+        found = [
+            r
+            for r in search_all(client, experiment_id, text)
+            if r.data.tags.get("stage") not in NOT_RESULTS
+        ]
         if sweep_id:  # stages the sweep's jobs reused from earlier runs (training.pipeline)
             reused = f"tags.`sweep/{sweep_id}` = 'reused'" + name_filter
             found += search_all(client, experiment_id, reused)
@@ -212,8 +248,9 @@ def sweep_job_hashes(sweep_dir: str | Path) -> dict[str, dict[str, str]]:
     return jobs
 
 
-def fetch_by_hashes(client: Any, experiment_id: str, jobs: Mapping[str, Mapping[str, str]]
-                    ) -> tuple[list[Any], list[str]]:  # fmt: skip
+def fetch_by_hashes(
+    client: Any, experiment_id: str, jobs: Mapping[str, Mapping[str, str]]
+) -> tuple[list[Any], list[str]]:
     """The finished runs of each job's stages by ``config_hash`` tag, and notes on stages
     with none (a job that failed, or a hash from another code version)."""
     runs, notes = [], []
@@ -221,8 +258,10 @@ def fetch_by_hashes(client: Any, experiment_id: str, jobs: Mapping[str, Mapping[
     for job, hashes in sorted(jobs.items(), key=lambda kv: _sort_key(kv[0])):
         for stage, digest in hashes.items():
             if (stage, digest) not in cache:
-                text = (f"tags.config_hash = {_quote(digest)} and tags.stage = {_quote(stage)}"
-                        " and attributes.status = 'FINISHED'")  # fmt: skip
+                text = (
+                    f"tags.config_hash = {_quote(digest)} and tags.stage = {_quote(stage)}"
+                    " and attributes.status = 'FINISHED'"
+                )
                 cache[stage, digest] = search_all(client, experiment_id, text)
             found = cache[stage, digest]
             if not found:
@@ -271,8 +310,9 @@ def _partition(values: Sequence[Any]) -> tuple[int, ...]:
     return tuple(first.setdefault(v, len(first)) for v in values)
 
 
-def varying_keys(rows: Sequence[RunRow], ignore: Sequence[str] = BOOKKEEPING,
-                 prefer: Sequence[str] = PREFERRED) -> dict[str, dict[str, list[str]]]:  # fmt: skip
+def varying_keys(
+    rows: Sequence[RunRow], ignore: Sequence[str] = BOOKKEEPING, prefer: Sequence[str] = PREFERRED
+) -> dict[str, dict[str, list[str]]]:
     """Per stage, the parameters that vary across its rows and can change its result.
 
     Returns ``{stage: {key: [aliases]}}``: keys that split the rows the same way (such as
@@ -364,8 +404,9 @@ def _sort_key(value: Any) -> tuple[Any, ...]:
     return (1, json.dumps(value, sort_keys=True) if not isinstance(value, str) else value)
 
 
-def dedupe_seeds(rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]]
-                 ) -> tuple[list[RunRow], list[str]]:  # fmt: skip
+def dedupe_seeds(
+    rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]]
+) -> tuple[list[RunRow], list[str]]:
     """One row per (stage, configuration, seed): the latest-ending one. Two runs of one
     configuration and seed differ only in bookkeeping (a rerun, another output folder), and
     counting both would pass one seed off as two."""
@@ -374,8 +415,10 @@ def dedupe_seeds(rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]]
     for row in sorted(rows, key=lambda r: (r.end_time, r.run_id)):
         ident = (row.stage, _config(row, keys.get(row.stage, ())), row.seed)
         if ident in latest:
-            notes.append(f"{row.stage} seed {row.seed}: run {row.run_id} repeats "
-                         f"{latest[ident].run_id} (same configuration), counted once")  # fmt: skip
+            notes.append(
+                f"{row.stage} seed {row.seed}: run {row.run_id} repeats "
+                f"{latest[ident].run_id} (same configuration), counted once"
+            )
         latest[ident] = row
     kept = {r.run_id for r in latest.values()}
     return [r for r in rows if r.run_id in kept], notes
@@ -385,8 +428,9 @@ def _config(row: RunRow, keys: Iterable[str]) -> tuple[tuple[str, str | None], .
     return tuple((k, row.params.get(k)) for k in keys)
 
 
-def aggregate(rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]],
-              metrics: Sequence[str]) -> list[Group]:  # fmt: skip
+def aggregate(
+    rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]], metrics: Sequence[str]
+) -> list[Group]:
     """Mean ± std over seeds of each metric, per (stage, configuration of ``keys[stage]``).
 
     Rows should be deduplicated first (:func:`dedupe_seeds`). Groups come in stage order
@@ -400,10 +444,16 @@ def aggregate(rows: Sequence[RunRow], keys: Mapping[str, Iterable[str]],
     groups = []
     for (stage, config), group_rows in members.items():
         group_rows = sorted(group_rows, key=lambda r: _sort_key(r.seed))
-        stats = {m: summarize(r.metrics[m] for r in group_rows if m in r.metrics)
-                 for m in metrics}  # fmt: skip
-        groups.append(Group(stage, config, [str(r.seed) for r in group_rows],
-                            [r.run_id for r in group_rows], stats))  # fmt: skip
+        stats = {m: summarize(r.metrics[m] for r in group_rows if m in r.metrics) for m in metrics}
+        groups.append(
+            Group(
+                stage,
+                config,
+                [str(r.seed) for r in group_rows],
+                [r.run_id for r in group_rows],
+                stats,
+            )
+        )
     groups.sort(key=lambda g: (order[g.stage], [_sort_key(v) for _, v in g.config]))
     return groups
 
@@ -477,8 +527,12 @@ def markdown_table(groups: Sequence[Group], metrics: Sequence[str], keys: Sequen
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for g in groups:
         config = dict(g.config)
-        cells = [g.stage, *(_cell(config[k]) if k in config else "" for k in keys),
-                 ", ".join(g.seeds), *(format_stat(g.stats[m], m) for m in metrics)]  # fmt: skip
+        cells = [
+            g.stage,
+            *(_cell(config[k]) if k in config else "" for k in keys),
+            ", ".join(g.seeds),
+            *(format_stat(g.stats[m], m) for m in metrics),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -489,8 +543,15 @@ def csv_table(groups: Sequence[Group], metrics: Sequence[str], keys: Sequence[st
     ``run_ids`` separated by ``;``."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["stage", *keys, "seeds", "run_ids",
-                     *(f"{m}.{s}" for m in metrics for s in ("mean", "std", "n"))])  # fmt: skip
+    writer.writerow(
+        [
+            "stage",
+            *keys,
+            "seeds",
+            "run_ids",
+            *(f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")),
+        ]
+    )
     for g in groups:
         config = dict(g.config)
         row: list[Any] = [g.stage, *(config.get(k) if k in config else "" for k in keys)]
@@ -543,8 +604,7 @@ def plot_against(groups: Sequence[Group], key: str, metric: str, title: str = ""
         dodge = 0.02 * span * (i - (len(series) - 1) / 2)
         x = [position[g.value(key)] + dodge for g in members]
         y = [scale * g.stats[metric].mean for g in members]
-        err = [scale * g.stats[metric].std if g.stats[metric].n > 1 else math.nan
-               for g in members]  # fmt: skip
+        err = [scale * g.stats[metric].std if g.stats[metric].n > 1 else math.nan for g in members]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=label)
     if not numeric:
         ax.set_xticks(list(position.values()), [_cell(v) for v in values])
@@ -615,12 +675,19 @@ def plot_name(metric: str, key: str, kind: str = "vs") -> str:
     return f"{_slug(metric)}_{kind}_{key.split('.')[-1]}.png"
 
 
-def build_report(rows: Sequence[RunRow], *, title: str, metric: str = "test/real/miou",
-                 columns: Sequence[str] = DEFAULT_COLUMNS, gap_metric: str = "test/gap/miou",
-                 plot_keys: Sequence[str] = PREFERRED[1:3],
-                 method_key: str = "adaptation.method", stage: str | None = None,
-                 ignore: Sequence[str] = BOOKKEEPING,
-                 prefer: Sequence[str] = PREFERRED) -> Report:  # fmt: skip
+def build_report(
+    rows: Sequence[RunRow],
+    *,
+    title: str,
+    metric: str = "test/real/miou",
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    gap_metric: str = "test/gap/miou",
+    plot_keys: Sequence[str] = PREFERRED[1:3],
+    method_key: str = "adaptation.method",
+    stage: str | None = None,
+    ignore: Sequence[str] = BOOKKEEPING,
+    prefer: Sequence[str] = PREFERRED,
+) -> Report:
     """The table (Markdown with a title, and CSV) and plots of finished ``rows``.
 
     ``metric`` is the target metric (first column, y of the plots against ``plot_keys``);

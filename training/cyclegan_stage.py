@@ -79,11 +79,12 @@ def save_generator(module: Any, path: Path) -> None:
     hp = module.hparams
     payload = {
         "arch": module.g_sim2real.arch,
-        "ngf": int(hp.g_ngf), "blocks": int(hp.g_blocks),
+        "ngf": int(hp.g_ngf),
+        "blocks": int(hp.g_blocks),
         "image_channels": int(module.image_channels or 3),
         "image_size": list(module.image_size) if module.image_size else None,
         "state_dict": {k: v.detach().cpu() for k, v in module.g_sim2real.state_dict().items()},
-    }  # fmt: skip
+    }
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -179,8 +180,9 @@ class UnpairedImages(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------- image grids
-def translation_grid(sim: torch.Tensor, translated: torch.Tensor, cycle: torch.Tensor,
-                     real: torch.Tensor) -> np.ndarray:  # fmt: skip
+def translation_grid(
+    sim: torch.Tensor, translated: torch.Tensor, cycle: torch.Tensor, real: torch.Tensor
+) -> np.ndarray:
     """Rows of ``sim | translated | cycle reconstruction | real``.
 
     All inputs ``(N, 3, H, W)`` in [0, 1]; returns ``(N * H, 4 * W, 3) uint8``.
@@ -190,8 +192,13 @@ def translation_grid(sim: torch.Tensor, translated: torch.Tensor, cycle: torch.T
     return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def translation_monitor(sim: torch.Tensor, real: torch.Tensor, every: int,
-                        segmenter: nn.Module | None, class_names: list[str]) -> Any:  # fmt: skip
+def translation_monitor(
+    sim: torch.Tensor,
+    real: torch.Tensor,
+    every: int,
+    segmenter: nn.Module | None,
+    class_names: list[str],
+) -> Any:
     """A Lightning callback: every ``every`` batches (and after the last), the image grid of
     ``sim`` / ``real`` (``(N, 3, H, W)`` in [0, 1]) and the guard's label-corruption rate on
     them, logged to the CycleGAN's MLflow run."""
@@ -216,14 +223,15 @@ def translation_monitor(sim: torch.Tensor, real: torch.Tensor, every: int,
             g.train(was), f.train(was)
             logger = trainer.logger
             logger.experiment.log_image(
-                logger.run_id, translation_grid(x, fake, cycle, real),
+                logger.run_id,
+                translation_grid(x, fake, cycle, real),
                 artifact_file=f"translation/step_{step:06d}.png",
-            )  # fmt: skip
+            )
             if segmenter is not None:
-                stats = label_corruption(segmenter.to(module.device), x, fake.clamp(0, 1),
-                                         len(class_names))  # fmt: skip
-                logger.log_metrics(stats.metrics(class_names, prefix="cyclegan/guard_"),
-                                   step=step)  # fmt: skip
+                stats = label_corruption(
+                    segmenter.to(module.device), x, fake.clamp(0, 1), len(class_names)
+                )
+                logger.log_metrics(stats.metrics(class_names, prefix="cyclegan/guard_"), step=step)
 
     return TranslationMonitor()
 
@@ -239,18 +247,26 @@ def cyclegan_digest(cfg: Any, segmenter_digest: str | None) -> str:
         node.pop(k, None)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     blob = {
-        "seed": int(cfg.seed), "cyclegan": node, "image": data["image"],
-        "sim": data["datasets"].get("sim_train"), "generate": data.get("generate"),
+        "seed": int(cfg.seed),
+        "cyclegan": node,
+        "image": data["image"],
+        "sim": data["datasets"].get("sim_train"),
+        "generate": data.get("generate"),
         "real": data["datasets"].get("real_unlabeled") or data["datasets"].get("real_train"),
         "segmenter": segmenter_digest if float(node["model"].get("lambda_semantic", 0)) else None,
         "precision": str(cfg.trainer.get("precision")),
-    }  # fmt: skip
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | None,
-                 segmenter_digest: str | None, class_names: list[str],
-                 parent: Any = None) -> GeneratorRun:  # fmt: skip
+def run_cyclegan(
+    cfg: Any,
+    datasets: Mapping[str, Any],
+    segmenter: nn.Module | None,
+    segmenter_digest: str | None,
+    class_names: list[str],
+    parent: Any = None,
+) -> GeneratorRun:
     """Train (or resume, or reuse) the CycleGAN of ``adaptation.cyclegan``; see module doc.
     ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new run under it."""
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -268,8 +284,9 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
         log.info("cyclegan: finished earlier in %s, skipped", run_dir)
         if parent is not None:
             parent.reused(info["run_id"])
-        return GeneratorRun(run_dir, Path(info["generator"]), info["run_id"], digest,
-                            info["metrics"], skipped=True)  # fmt: skip
+        return GeneratorRun(
+            run_dir, Path(info["generator"]), info["run_id"], digest, info["metrics"], skipped=True
+        )
 
     sim, real = datasets.get("sim_train"), unlabeled_real(datasets)
     if sim is None or real is None or len(real) == 0:
@@ -283,10 +300,13 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
         raise ConfigError(f"{KEY}: max_batches and batch_size must be >= 1")
     model = instantiate_checked(node.model, semantic_model=segmenter, seed=int(cfg.seed))
     loader = torch.utils.data.DataLoader(
-        UnpairedImages(sim, real, seed=int(cfg.seed)), batch_size=batch_size, shuffle=True,
-        drop_last=True, num_workers=int(cfg.data.loader.get("num_workers", 0)),
+        UnpairedImages(sim, real, seed=int(cfg.seed)),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=int(cfg.data.loader.get("num_workers", 0)),
         generator=torch.Generator().manual_seed(int(cfg.seed)),
-    )  # fmt: skip
+    )
     n_show = min(4, len(sim), len(real))
     show_sim = sim if datasets.get("sim_val") is None else datasets["sim_val"]
     sample_sim = torch.stack([show_sim[i]["image"] for i in range(n_show)])
@@ -294,40 +314,53 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
 
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
-    logger, run_id = stage_logger(cfg, "cyclegan", digest, run_dir, parent,
-                                  tags={"adaptation": str(cfg.adaptation.method)})  # fmt: skip
+    logger, run_id = stage_logger(
+        cfg, "cyclegan", digest, run_dir, parent, tags={"adaptation": str(cfg.adaptation.method)}
+    )
     if run_id is None:
         from omegaconf import OmegaConf
 
-        params = tracking.flatten({
-            "seed": int(cfg.seed), "image": OmegaConf.to_container(cfg.data.image),
-            "adaptation": tracking.redact(OmegaConf.to_container(cfg.adaptation, resolve=True)),
-            "data": {"sim_train": len(sim), "real_unlabeled": len(real)},
-        })  # fmt: skip
+        params = tracking.flatten(
+            {
+                "seed": int(cfg.seed),
+                "image": OmegaConf.to_container(cfg.data.image),
+                "adaptation": tracking.redact(OmegaConf.to_container(cfg.adaptation, resolve=True)),
+                "data": {"sim_train": len(sim), "real_unlabeled": len(real)},
+            }
+        )
         logger.log_hyperparams(params)
         (run_dir / RUN_ID).write_text(logger.run_id)
     run_id = logger.run_id
 
     ckpt_dir = run_dir / "checkpoints"
     every = max(1, int(node.image_every))
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 every_n_train_steps=every * STEPS_PER_BATCH)  # fmt: skip
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=every * STEPS_PER_BATCH
+    )
     monitor = translation_monitor(sample_sim, sample_real, every, segmenter, class_names)
     make_trainer = instantiate_checked(cfg.trainer, _partial_=True)
     trainer = make_trainer(
-        max_steps=batches * STEPS_PER_BATCH, max_epochs=-1, logger=logger,
-        callbacks=[checkpoint, monitor], default_root_dir=str(run_dir),
-        enable_progress_bar=bool(cfg.progress), use_distributed_sampler=False,
+        max_steps=batches * STEPS_PER_BATCH,
+        max_epochs=-1,
+        logger=logger,
+        callbacks=[checkpoint, monitor],
+        default_root_dir=str(run_dir),
+        enable_progress_bar=bool(cfg.progress),
+        use_distributed_sampler=False,
         log_every_n_steps=min(10, batches),
-    )  # fmt: skip
+    )
     last = ckpt_dir / "last.ckpt"
     started = time.perf_counter()
     # Lightning warns that a mid-fit checkpoint holds the state after the optimizer steps:
     # that is the state a resumed fit continues from, as wanted
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     try:
-        trainer.fit(model, train_dataloaders=loader,
-                    ckpt_path=str(last) if last.exists() else None, weights_only=True)  # fmt: skip
+        trainer.fit(
+            model,
+            train_dataloaders=loader,
+            ckpt_path=str(last) if last.exists() else None,
+            weights_only=True,
+        )
     except BaseException:
         logger.experiment.set_tag(run_id, "status", "failed")
         logger.finalize("failed")
@@ -344,15 +377,19 @@ def run_cyclegan(cfg: Any, datasets: Mapping[str, Any], segmenter: nn.Module | N
             h, w = int(cfg.data.image.height), int(cfg.data.image.width)
             translator = load_generator(generator, (h, w))
             tracking.log_model(run_id, translator, h, w, uri=uri, name="generator_model")
-        atomic_write_json(done, {"generator": str(generator), "run_id": run_id,
-                                 "metrics": metrics})  # fmt: skip
+        atomic_write_json(done, {"generator": str(generator), "run_id": run_id, "metrics": metrics})
     logger.finalize("success")
     return GeneratorRun(run_dir, generator, run_id, digest, metrics)
 
 
-def translate_sim(cfg: Any, datasets: Mapping[str, Any], generator: Path, generator_run: str,
-                  segmenter: nn.Module | None,
-                  class_names: list[str]) -> tuple[GeneratedDataset, dict[str, float]]:  # fmt: skip
+def translate_sim(
+    cfg: Any,
+    datasets: Mapping[str, Any],
+    generator: Path,
+    generator_run: str,
+    segmenter: nn.Module | None,
+    class_names: list[str],
+) -> tuple[GeneratedDataset, dict[str, float]]:
     """The semantic guard, then ``sim_train`` translated into a new dataset (cached).
 
     The translated dataset lives in ``<paths.data>/translated/<sim name>-<generator
@@ -387,9 +424,11 @@ def translate_sim(cfg: Any, datasets: Mapping[str, Any], generator: Path, genera
 
     guard_cfg = node.guard
     try:
-        limits = GuardLimits(float(guard_cfg.max_corruption),
-                             float(guard_cfg.max_class_corruption),
-                             float(guard_cfg.min_class_share))  # fmt: skip
+        limits = GuardLimits(
+            float(guard_cfg.max_corruption),
+            float(guard_cfg.max_class_corruption),
+            float(guard_cfg.min_class_share),
+        )
     except ValueError as exc:
         raise ConfigError(f"{KEY}.{exc}") from None
     batch = int(node.translate_batch_size)
@@ -397,20 +436,30 @@ def translate_sim(cfg: Any, datasets: Mapping[str, Any], generator: Path, genera
     if segmenter is not None:
         held_out = source if datasets.get("sim_val") is None else datasets["sim_val"]
         n = min(int(guard_cfg.frames), len(held_out))
-        stats = measure_corruption(translator, segmenter, held_out, list(range(n)),
-                                   len(class_names), batch)  # fmt: skip
+        stats = measure_corruption(
+            translator, segmenter, held_out, list(range(n)), len(class_names), batch
+        )
         figures.update(stats.metrics(class_names, prefix="guard/"))
-        log.info("semantic guard: %.1f%% of pixels change class on %d held-out frames",
-                 100 * stats.overall, stats.frames)  # fmt: skip
+        log.info(
+            "semantic guard: %.1f%% of pixels change class on %d held-out frames",
+            100 * stats.overall,
+            stats.frames,
+        )
         limits.check(stats, class_names, f"the generator {generator}")
 
     provenance = {"generator_run": generator_run, "generator_sha256": gen_sha}
     started = time.perf_counter()
-    result = translate_dataset(translator, source, root, provenance, batch_size=batch,
-                               card_extra={"guard": figures})  # fmt: skip
+    result = translate_dataset(
+        translator, source, root, provenance, batch_size=batch, card_extra={"guard": figures}
+    )
     seconds = time.perf_counter() - started
     if result.written_frames:
         figures["translate/images_per_s"] = result.written_frames / max(seconds, 1e-9)
-        log.info("translated %d frames of %s -> %s at %.1f images/s", result.written_frames,
-                 source.root, root, figures["translate/images_per_s"])  # fmt: skip
+        log.info(
+            "translated %d frames of %s -> %s at %.1f images/s",
+            result.written_frames,
+            source.root,
+            root,
+            figures["translate/images_per_s"],
+        )
     return result.dataset, figures

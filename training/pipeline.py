@@ -52,27 +52,41 @@ class PipelineRun:
         label: the run name's suffix (default ``kind``).
     """
 
-    def __init__(self, client: Any, experiment: str, name: str, digest: str, folder: Path,
-                 tags: Mapping[str, str] | None = None,
-                 artifact_location: str | None = None, kind: str = "pipeline",
-                 label: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: Any,
+        experiment: str,
+        name: str,
+        digest: str,
+        folder: Path,
+        tags: Mapping[str, str] | None = None,
+        artifact_location: str | None = None,
+        kind: str = "pipeline",
+        label: str | None = None,
+    ) -> None:
         self.client = client
         self.folder = Path(folder)
         exp = client.get_experiment_by_name(experiment)
         exp_id = (
-            exp.experiment_id if exp is not None
+            exp.experiment_id
+            if exp is not None
             else client.create_experiment(experiment, artifact_location=artifact_location)
-        )  # fmt: skip
+        )
         id_file = self.folder / "run_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id is not None and not self._exists(run_id):
             run_id = None  # the store was reset: start a new parent
         if run_id is None:
             run = client.create_run(
-                exp_id, run_name=f"{name}/{label or kind}",
-                tags={"stage": kind, "experiment": name, "config_hash": digest,
-                      **{k: v for k, v in (tags or {}).items() if v}},
-            )  # fmt: skip
+                exp_id,
+                run_name=f"{name}/{label or kind}",
+                tags={
+                    "stage": kind,
+                    "experiment": name,
+                    "config_hash": digest,
+                    **{k: v for k, v in (tags or {}).items() if v},
+                },
+            )
             run_id = run.info.run_id
             self.folder.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
@@ -108,8 +122,11 @@ class PipelineRun:
         stages = {}
         metrics = []
         for key, res in results.items():
-            stages[prefix + key] = {"run_id": res.run_id, "reused": bool(res.skipped),
-                           "alerts": list(getattr(res, "alerts", []) or [])}  # fmt: skip
+            stages[prefix + key] = {
+                "run_id": res.run_id,
+                "reused": bool(res.skipped),
+                "alerts": list(getattr(res, "alerts", []) or []),
+            }
             slug = prefix + key.replace(" ", "_").replace("(", "").replace(")", "")
             for metric, value in res.metrics.items():
                 if metric.startswith("test/") and math.isfinite(value):
@@ -130,8 +147,11 @@ class PipelineRun:
 
 
 # ------------------------------------------------------------------ scripts/pipeline.py
-SUMMARY_COLUMNS = (("sim mIoU", "test/sim/miou"), ("real mIoU", "test/real/miou"),
-                   ("gap (sim - real)", "test/gap/miou"))  # fmt: skip
+SUMMARY_COLUMNS = (
+    ("sim mIoU", "test/sim/miou"),
+    ("real mIoU", "test/real/miou"),
+    ("gap (sim - real)", "test/gap/miou"),
+)
 
 
 def summary_table(by_method: Mapping[str, Mapping[str, Any]]) -> str:
@@ -197,18 +217,26 @@ def run_pipeline(cfg: Any, overrides: list[str]) -> tuple[dict[str, dict[str, An
     digest = pipeline_hash(plain)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
     study = PipelineRun(
-        MlflowClient(uri), str(cfg.tracking.experiment), str(cfg.name), digest,
+        MlflowClient(uri),
+        str(cfg.tracking.experiment),
+        str(cfg.name),
+        digest,
         Path(cfg.paths.output) / "pipelines" / f"{cfg.name}-study-{digest}",
-        tags={"sweep_id": str(cfg.tracking.sweep_id or ""), "git_commit": tracking.git_commit(),
-              "methods": ",".join(configs)},
-        artifact_location=tracking.artifact_location(cfg.paths.output, uri), kind="study",
-    )  # fmt: skip
+        tags={
+            "sweep_id": str(cfg.tracking.sweep_id or ""),
+            "git_commit": tracking.git_commit(),
+            "methods": ",".join(configs),
+        },
+        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
+        kind="study",
+    )
     by_method: dict[str, dict[str, Any]] = {}
     try:
         for method, method_cfg in configs.items():
             log.info("pipeline %s: method %s", cfg.name, method)
-            by_method[method] = run_train(method_cfg, parent_run_id=study.run_id,
-                                          label=f"pipeline-{method}")  # fmt: skip
+            by_method[method] = run_train(
+                method_cfg, parent_run_id=study.run_id, label=f"pipeline-{method}"
+            )
     except BaseException as exc:
         study.fail(exc)
         raise

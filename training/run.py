@@ -57,8 +57,9 @@ class StageResult:
 
 
 # ----------------------------------------------------------------------------- data
-def ensure_procedural_datasets(gen: Mapping[str, Any], image: Mapping[str, int],
-                               taxonomy_cfg: Any, progress: bool = False) -> None:  # fmt: skip
+def ensure_procedural_datasets(
+    gen: Mapping[str, Any], image: Mapping[str, int], taxonomy_cfg: Any, progress: bool = False
+) -> None:
     """Generate the procedural splits a data config names, where not complete yet."""
     from omegaconf import OmegaConf
 
@@ -74,16 +75,26 @@ def ensure_procedural_datasets(gen: Mapping[str, Any], image: Mapping[str, int],
         log.info("dataset %s (%s, %d frames): %s", split, spec["style"], spec["num_frames"], root)
         cfg = OmegaConf.create(
             {
-                "name": split, "seed": spec["seed"], "num_frames": spec["num_frames"],
-                "shard_size": gen["shard_size"], "image": dict(image), "domain": None,
-                "output_dir": str(root), "overwrite": False, "progress": progress,
+                "name": split,
+                "seed": spec["seed"],
+                "num_frames": spec["num_frames"],
+                "shard_size": gen["shard_size"],
+                "image": dict(image),
+                "domain": None,
+                "output_dir": str(root),
+                "overwrite": False,
+                "progress": progress,
                 "parallel": {"index": 0, "count": 1, "servers": []},
-                "backend": {"_target_": "simulation.procedural.ProceduralBackend",
-                            "style": spec["style"], "batch_size": 64, "compile": False},
+                "backend": {
+                    "_target_": "simulation.procedural.ProceduralBackend",
+                    "style": spec["style"],
+                    "batch_size": 64,
+                    "compile": False,
+                },
                 "taxonomy": OmegaConf.to_container(taxonomy_cfg, resolve=True),
                 "randomization": OmegaConf.to_container(OmegaConf.load(preset)),
             }
-        )  # fmt: skip
+        )
         run_generate(cfg)
 
 
@@ -118,8 +129,9 @@ def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, An
     return out
 
 
-def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float,
-                       class_names: list[str]) -> np.ndarray:  # fmt: skip
+def class_pixel_counts(
+    datasets: Mapping[str, Any], sim_ratio: float, class_names: list[str]
+) -> np.ndarray:
     """Training-label pixel counts per class, from the dataset cards (no pass over data):
     the sim training set when the stage uses sim, else the real one, else uniform."""
     order = ("sim_train", "real_train") if sim_ratio > 0 else ("real_train", "sim_train")
@@ -132,8 +144,9 @@ def class_pixel_counts(datasets: Mapping[str, Any], sim_ratio: float,
 
 
 # --------------------------------------------------------------------------- stages
-def stage_hash(cfg: Any, stage: str, parent_hash: str | None,
-               inputs: Mapping[str, str] | None = None) -> str:  # fmt: skip
+def stage_hash(
+    cfg: Any, stage: str, parent_hash: str | None, inputs: Mapping[str, str] | None = None
+) -> str:
     """12 hex digits over everything that decides a stage's result; ``inputs`` names data
     made inside the run (the translated sim set's digest) that the config cannot."""
     from omegaconf import OmegaConf
@@ -141,9 +154,10 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None,
     keys = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
     blob = {k: _plain(cfg.get(k)) for k in keys}
     adapted = {
-        part: _plain(node) for part, node in adaptation_parts(cfg).items()
+        part: _plain(node)
+        for part, node in adaptation_parts(cfg).items()
         if stage in (node.get("stages") or [])
-    }  # fmt: skip
+    }
     # only what the stage reads: a sim-only stage without adaptation never sees the real
     # training split (a retrain on new real data reuses it), and worker counts change speed
     data = blob["data"]
@@ -153,9 +167,10 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None,
         data.get("datasets", {}).pop("real_unlabeled", None)
     blob["stage"] = _plain(cfg.stages[stage])
     blob["trainer"] = {
-        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+        k: v
+        for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
         if k in ("precision", "accumulate_grad_batches", "gradient_clip_val")
-    }  # fmt: skip
+    }
     # the global batch and the sample order depend on how many processes train
     blob["world_size"] = int(cfg.trainer.get("devices", 1) or 1) * int(
         cfg.trainer.get("num_nodes", 1) or 1
@@ -171,9 +186,11 @@ def stage_hash(cfg: Any, stage: str, parent_hash: str | None,
 
 #: What each ``adaptation.method`` is made of (the config nodes it needs).
 METHODS: dict[str, tuple[str, ...]] = {
-    "none": (), "dann": ("dann",), "cyclegan": ("cyclegan",),
+    "none": (),
+    "dann": ("dann",),
+    "cyclegan": ("cyclegan",),
     "cyclegan_dann": ("cyclegan", "dann"),
-}  # fmt: skip
+}
 
 
 def adaptation_parts(cfg: Any) -> dict[str, Any]:
@@ -253,8 +270,9 @@ def check_stages(cfg: Any) -> list[str]:
     return names
 
 
-def run_train(cfg: Any, parent_run_id: str | None = None,
-              label: str = "pipeline") -> dict[str, StageResult]:  # fmt: skip
+def run_train(
+    cfg: Any, parent_run_id: str | None = None, label: str = "pipeline"
+) -> dict[str, StageResult]:
     """Run every stage of ``cfg.stages`` in order; return their results by name.
 
     The stages nest under one MLflow parent run (:class:`training.pipeline.PipelineRun`,
@@ -287,8 +305,14 @@ def run_train(cfg: Any, parent_run_id: str | None = None,
             os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
-def _run_train(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: Taxonomy,
-               parent_run_id: str | None, label: str) -> dict[str, StageResult]:  # fmt: skip
+def _run_train(
+    cfg: Any,
+    names: list[str],
+    parts: Mapping[str, Any],
+    taxonomy: Taxonomy,
+    parent_run_id: str | None,
+    label: str,
+) -> dict[str, StageResult]:
     generator = _check_generator(cfg, parts.get("cyclegan"))
     gen = cfg.data.get("generate")
     if gen:
@@ -327,43 +351,68 @@ def _open_pipeline(cfg: Any, parent_run_id: str | None, label: str) -> Any:
         return None
     digest = pipeline_hash(OmegaConf.to_container(cfg, resolve=True))
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
-    tags = {"sweep_id": str(cfg.tracking.sweep_id or ""), "git_commit": tracking.git_commit(),
-            "adaptation": str((cfg.get("adaptation") or {}).get("method", "none")),
-            PARENT_TAG: parent_run_id or ""}  # fmt: skip
+    tags = {
+        "sweep_id": str(cfg.tracking.sweep_id or ""),
+        "git_commit": tracking.git_commit(),
+        "adaptation": str((cfg.get("adaptation") or {}).get("method", "none")),
+        PARENT_TAG: parent_run_id or "",
+    }
     if cfg.tracking.get("trigger"):
         tags["trigger"] = str(cfg.tracking.trigger)
     return PipelineRun(
-        MlflowClient(uri), str(cfg.tracking.experiment), str(cfg.name), digest,
-        Path(cfg.paths.output) / "pipelines" / f"{cfg.name}-{digest}", tags=tags,
-        artifact_location=tracking.artifact_location(cfg.paths.output, uri), label=label,
-    )  # fmt: skip
+        MlflowClient(uri),
+        str(cfg.tracking.experiment),
+        str(cfg.name),
+        digest,
+        Path(cfg.paths.output) / "pipelines" / f"{cfg.name}-{digest}",
+        tags=tags,
+        artifact_location=tracking.artifact_location(cfg.paths.output, uri),
+        label=label,
+    )
 
 
-def _run_stages(cfg: Any, names: list[str], parts: Mapping[str, Any], taxonomy: Taxonomy,
-                datasets: Mapping[str, Any], generator: tuple[Path, str] | None,
-                parent: Any) -> dict[str, StageResult]:  # fmt: skip
+def _run_stages(
+    cfg: Any,
+    names: list[str],
+    parts: Mapping[str, Any],
+    taxonomy: Taxonomy,
+    datasets: Mapping[str, Any],
+    generator: tuple[Path, str] | None,
+    parent: Any,
+) -> dict[str, StageResult]:
     screening = _Screening(bool(cfg.risk.enabled and cfg.risk.screening))
     results: dict[str, StageResult] = {}
     hashes: dict[str, str] = {}
     references: dict[str, float] = {}  # T-09: real mIoU of plain source_only and oracle
 
-    def train(stage_cfg: Any, name: str, digest: str, data: Mapping[str, Any],
-              init_ckpt: Path | None) -> StageResult:  # fmt: skip
+    def train(
+        stage_cfg: Any, name: str, digest: str, data: Mapping[str, Any], init_ckpt: Path | None
+    ) -> StageResult:
         folder = stage_dir(stage_cfg, name, digest)
         locks = Path(cfg.paths.output) / "locks"
         with _shared_work(cfg, locks / f"{folder.name}.lock", f"stage {name}"):
             figures: dict[str, float] = {}
             if not (folder / DONE).exists():  # it will train
                 data, figures = screening.apply(data)
-            return run_stage(stage_cfg, name, digest, taxonomy, data, init_ckpt, figures,
-                             references, parent=parent)  # fmt: skip
+            return run_stage(
+                stage_cfg,
+                name,
+                digest,
+                taxonomy,
+                data,
+                init_ckpt,
+                figures,
+                references,
+                parent=parent,
+            )
 
     stage_data = {name: datasets for name in names}
     inputs: dict[str, str] = {}
     if "cyclegan" in parts:
         node = parts["cyclegan"]
-        translated, plain = _pixel_adaptation(cfg, node, taxonomy, datasets, generator, train,
-                                              parent)  # fmt: skip
+        translated, plain = _pixel_adaptation(
+            cfg, node, taxonomy, datasets, generator, train, parent
+        )
         adapted = {s for part in parts.values() for s in part.get("stages") or []}
         if plain is not None and plain.name in adapted:  # else the loop below reuses it
             results[f"{plain.name} (no adaptation)"] = plain
@@ -434,15 +483,22 @@ def _check_generator(cfg: Any, node: Any) -> tuple[Path, str] | None:
     from training.cyclegan_stage import load_generator, resolve_generator
 
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)
-    path, run_id = resolve_generator(str(node.generator), uri,
-                                     Path(cfg.paths.output) / "generators")  # fmt: skip
+    path, run_id = resolve_generator(
+        str(node.generator), uri, Path(cfg.paths.output) / "generators"
+    )
     load_generator(path, (int(cfg.data.image.height), int(cfg.data.image.width)))
     return path, run_id
 
 
-def _pixel_adaptation(cfg: Any, node: Any, taxonomy: Taxonomy, datasets: Mapping[str, Any],
-                      generator: tuple[Path, str] | None, train: Any,
-                      parent: Any = None) -> tuple[Any, StageResult | None]:  # fmt: skip
+def _pixel_adaptation(
+    cfg: Any,
+    node: Any,
+    taxonomy: Taxonomy,
+    datasets: Mapping[str, Any],
+    generator: tuple[Path, str] | None,
+    train: Any,
+    parent: Any = None,
+) -> tuple[Any, StageResult | None]:
     """The frozen sim segmenter, the generator (trained here unless given) and the
     translated sim set, in that order; see :mod:`training.cyclegan_stage`."""
     from training import tracking
@@ -516,16 +572,27 @@ def screen_training_set(role: str, dataset: Any) -> tuple[Any, dict[str, float]]
             f"({screened.result.counts}); the set cannot be trained on (for translated sim "
             "frames: the generator needs more training, adaptation.cyclegan.max_batches)"
         )
-    log.warning("T-10: %d of %d %s frames dropped by screening: %s", dropped, len(dataset),
-                role, screened.result.counts)  # fmt: skip
+    log.warning(
+        "T-10: %d of %d %s frames dropped by screening: %s",
+        dropped,
+        len(dataset),
+        role,
+        screened.result.counts,
+    )
     return screened, figures
 
 
-def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
-              datasets: Mapping[str, Any], init_ckpt: Path | None,
-              screening: Mapping[str, float] | None = None,
-              references: Mapping[str, float] | None = None,
-              parent: Any = None) -> StageResult:  # fmt: skip
+def run_stage(
+    cfg: Any,
+    name: str,
+    digest: str,
+    taxonomy: Taxonomy,
+    datasets: Mapping[str, Any],
+    init_ckpt: Path | None,
+    screening: Mapping[str, float] | None = None,
+    references: Mapping[str, float] | None = None,
+    parent: Any = None,
+) -> StageResult:
     """Fit, test and log one stage, resuming or skipping it by its folder's state;
     ``parent`` (a :class:`~training.pipeline.PipelineRun`) nests a new stage run."""
     from omegaconf import OmegaConf
@@ -545,9 +612,15 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         log.info("stage %s: finished earlier in %s, skipped", name, run_dir)
         if parent is not None:
             parent.reused(info["run_id"])
-        return StageResult(name, run_dir, Path(info["checkpoint"]), info["run_id"],
-                           info["metrics"], skipped=True,
-                           alerts=info.get("alerts", []))  # fmt: skip
+        return StageResult(
+            name,
+            run_dir,
+            Path(info["checkpoint"]),
+            info["run_id"],
+            info["metrics"],
+            skipped=True,
+            alerts=info.get("alerts", []),
+        )
 
     # --- everything checked before the first step
     dm_kwargs = dict(cfg.data.loader)
@@ -555,26 +628,52 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         dm_kwargs["batches_per_epoch"] = stage.batches_per_epoch
     augment = instantiate_checked(cfg.data.augment) if cfg.data.get("augment") else None
     dm = SimRealDataModule(
-        **{k: datasets.get(k) for k in ("sim_train", "sim_val", "real_train", "real_val",
-                                        "real_test", "real_unlabeled")},
-        sim_ratio=float(stage.sim_ratio), real_fraction=float(stage.real_fraction),
-        seed=int(cfg.seed), augment=augment, **dm_kwargs,
-    )  # fmt: skip
+        **{
+            k: datasets.get(k)
+            for k in (
+                "sim_train",
+                "sim_val",
+                "real_train",
+                "real_val",
+                "real_test",
+                "real_unlabeled",
+            )
+        },
+        sim_ratio=float(stage.sim_ratio),
+        real_fraction=float(stage.real_fraction),
+        seed=int(cfg.seed),
+        augment=augment,
+        **dm_kwargs,
+    )
     model = instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
     if init_ckpt is not None:
         load_checkpoint_weights(model, init_ckpt, key=f"stages.{name}.init")
     counts = class_pixel_counts(datasets, float(stage.sim_ratio), list(taxonomy.classes))
     weights = class_weights_from_histogram(counts, method=cfg.loss.class_weighting)
-    loss = SegmentationLoss(taxonomy.num_classes, weights,
-                            label_smoothing=float(cfg.loss.label_smoothing))  # fmt: skip
-    groups = sorted({g for ds in datasets.values() if ds is not None
-                     for g in (getattr(ds, "card", None) or {}).get("groups", {})})  # fmt: skip
+    loss = SegmentationLoss(
+        taxonomy.num_classes, weights, label_smoothing=float(cfg.loss.label_smoothing)
+    )
+    groups = sorted(
+        {
+            g
+            for ds in datasets.values()
+            if ds is not None
+            for g in (getattr(ds, "card", None) or {}).get("groups", {})
+        }
+    )
     adaptation = _adaptation(cfg, name, model, dm)
     task = SegmentationTask(
-        model, loss, taxonomy.classes, taxonomy.palette(), instantiate_checked(cfg.optimizer),
-        warmup_fraction=float(cfg.warmup_fraction), groups=groups or None,
-        val_names=dm.val_names, test_names=dm.test_names, **adaptation,
-    )  # fmt: skip
+        model,
+        loss,
+        taxonomy.classes,
+        taxonomy.palette(),
+        instantiate_checked(cfg.optimizer),
+        warmup_fraction=float(cfg.warmup_fraction),
+        groups=groups or None,
+        val_names=dm.val_names,
+        test_names=dm.test_names,
+        **adaptation,
+    )
 
     # --- tracking: the same MLflow run when resuming; rank zero only under DDP
     from pytorch_lightning.utilities import rank_zero_only
@@ -600,8 +699,9 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
 
     monitor = "val/real/miou" if "real" in dm.val_names else "val/sim/miou"
     ckpt_dir = run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor,
-                                 mode="max", save_last=True)  # fmt: skip
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_last=True
+    )
     make_trainer = instantiate_checked(cfg.trainer, _partial_=True)
     retries = int(cfg.retries)
     from training.risk.gpu import GpuMonitor
@@ -611,14 +711,21 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
     try:
         for attempt in range(retries + 1):
             trainer = make_trainer(
-                max_epochs=int(stage.max_epochs), logger=logger, callbacks=[checkpoint],
-                default_root_dir=str(run_dir), use_distributed_sampler=False,
+                max_epochs=int(stage.max_epochs),
+                logger=logger,
+                callbacks=[checkpoint],
+                default_root_dir=str(run_dir),
+                use_distributed_sampler=False,
                 enable_progress_bar=bool(cfg.progress),
-            )  # fmt: skip
+            )
             last = ckpt_dir / "last.ckpt"
             try:
-                trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last.exists() else None,
-                            weights_only=True)  # fmt: skip
+                trainer.fit(
+                    task,
+                    datamodule=dm,
+                    ckpt_path=str(last) if last.exists() else None,
+                    weights_only=True,
+                )
                 break
             except (KeyboardInterrupt, ConfigError):
                 raise
@@ -630,8 +737,14 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
                         _mark_failed(cfg, logger, run_id, name, run_dir, exc)
                     raise
                 since = last if last.exists() else "the start"
-                log.warning("stage %s failed (%s); retry %d/%d from %s", name, exc,
-                            attempt + 1, retries, since)  # fmt: skip
+                log.warning(
+                    "stage %s failed (%s); retry %d/%d from %s",
+                    name,
+                    exc,
+                    attempt + 1,
+                    retries,
+                    since,
+                )
     finally:
         if gpu is not None:
             gpu.stop()
@@ -641,14 +754,34 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
         trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
         metrics = {k: float(v) for k, v in task.results.items()}
         if trainer.is_global_zero and cfg.risk.enabled:
-            metrics.update(_assess_risk(cfg, logger, run_id, name, run_dir, task, dm, datasets,
-                                        metrics, wall, trainer.world_size, gpu, screening,
-                                        references))  # fmt: skip
+            metrics.update(
+                _assess_risk(
+                    cfg,
+                    logger,
+                    run_id,
+                    name,
+                    run_dir,
+                    task,
+                    dm,
+                    datasets,
+                    metrics,
+                    wall,
+                    trainer.world_size,
+                    gpu,
+                    screening,
+                    references,
+                )
+            )
         if trainer.is_global_zero:
             logger.experiment.log_artifact(run_id, str(best), artifact_path="checkpoints")
             if cfg.log_model:
-                tracking.log_model(run_id, task.model, int(cfg.data.image.height),
-                                   int(cfg.data.image.width), uri=uri)  # fmt: skip
+                tracking.log_model(
+                    run_id,
+                    task.model,
+                    int(cfg.data.image.height),
+                    int(cfg.data.image.width),
+                    uri=uri,
+                )
             if cfg.log_model and cfg.registry.enabled and name in cfg.registry.stages:
                 decision = register_and_compare(cfg, uri, run_id, dm, taxonomy.num_classes)
                 metrics.update(decision)
@@ -657,19 +790,28 @@ def run_stage(cfg: Any, name: str, digest: str, taxonomy: Taxonomy,
             shutil.copyfile(best, published)
             fired = logger.experiment.get_run(run_id).data.tags.get("risk/alerts_fired", "none")
             alerts = [] if fired == "none" else fired.split(",")
-            atomic_write_json(done, {"checkpoint": str(best), "run_id": run_id, "metrics": metrics,
-                                     "alerts": alerts})  # fmt: skip
+            atomic_write_json(
+                done,
+                {"checkpoint": str(best), "run_id": run_id, "metrics": metrics, "alerts": alerts},
+            )
     except Exception as exc:  # evaluation, risk or registry failed: the run is not done
         if trainer.is_global_zero:
             _mark_failed(cfg, logger, run_id, name, run_dir, exc)
         raise
     logger.finalize("success")
-    return StageResult(name, run_dir, best, run_id, metrics,
-                       alerts=alerts if trainer.is_global_zero else [])  # fmt: skip
+    return StageResult(
+        name, run_dir, best, run_id, metrics, alerts=alerts if trainer.is_global_zero else []
+    )
 
 
-def stage_logger(cfg: Any, stage: str, digest: str, run_dir: Path, parent: Any = None,
-                 tags: Mapping[str, str] | None = None) -> tuple[Any, str | None]:  # fmt: skip
+def stage_logger(
+    cfg: Any,
+    stage: str,
+    digest: str,
+    run_dir: Path,
+    parent: Any = None,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[Any, str | None]:
     """The MLflow logger of a stage's run and the run id kept in its folder: the same run
     when resuming, else a new one tagged (stage, experiment, config hash, commit, sweep id,
     trigger, ``tags``) and nested under ``parent``. Returns ``(logger, earlier run id or
@@ -682,19 +824,25 @@ def stage_logger(cfg: Any, stage: str, digest: str, run_dir: Path, parent: Any =
     run_id_file = run_dir / RUN_ID
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
     all_tags = {
-        "stage": stage, "experiment": str(cfg.name), "config_hash": digest,
-        "git_commit": tracking.git_commit(), "sweep_id": str(cfg.tracking.sweep_id or ""),
+        "stage": stage,
+        "experiment": str(cfg.name),
+        "config_hash": digest,
+        "git_commit": tracking.git_commit(),
+        "sweep_id": str(cfg.tracking.sweep_id or ""),
         **dict(tags or {}),
-    }  # fmt: skip
+    }
     if cfg.tracking.get("trigger"):
         all_tags["trigger"] = str(cfg.tracking.trigger)
     if parent is not None and run_id is None:
         all_tags.update(parent.child_tags())
     logger = MLFlowLogger(
-        experiment_name=cfg.tracking.experiment, run_name=f"{cfg.name}/{stage}",
-        tracking_uri=uri, tags=all_tags, run_id=run_id,
+        experiment_name=cfg.tracking.experiment,
+        run_name=f"{cfg.name}/{stage}",
+        tracking_uri=uri,
+        tags=all_tags,
+        run_id=run_id,
         artifact_location=tracking.artifact_location(cfg.paths.output, uri),
-    )  # fmt: skip
+    )
     return logger, run_id
 
 
@@ -714,15 +862,23 @@ def _adaptation(cfg: Any, stage: str, model: Any, dm: Any) -> dict[str, Any]:
     }
 
 
-def _mark_failed(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path,
-                 exc: BaseException) -> None:  # fmt: skip
+def _mark_failed(
+    cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path, exc: BaseException
+) -> None:
     """Tag the run failed and raise the job-failure alert (T-05) with the error; an error
     while reporting is logged, never allowed to hide the original one."""
     try:
         logger.experiment.set_tag(run_id, "status", "failed")
         if cfg.risk.enabled:
-            _publish_risk(cfg, logger, run_id, name, run_dir, {"risk/T-05/job_failed": 1.0},
-                          {"error": repr(exc)[:500]})  # fmt: skip
+            _publish_risk(
+                cfg,
+                logger,
+                run_id,
+                name,
+                run_dir,
+                {"risk/T-05/job_failed": 1.0},
+                {"error": repr(exc)[:500]},
+            )
         logger.finalize("failed")
     except Exception as report_error:  # noqa: BLE001 - the training error matters more
         log.error("could not report the failure of stage %s: %s", name, report_error)
@@ -737,11 +893,22 @@ def _add_wall_time(run_dir: Path, seconds: float) -> float:
     return total
 
 
-def _assess_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path, task: Any,
-                 dm: Any, datasets: Mapping[str, Any], metrics: Mapping[str, float],
-                 wall: float, devices: int, gpu: Any,
-                 screening: Mapping[str, float] | None,
-                 references: Mapping[str, float] | None) -> dict[str, float]:  # fmt: skip
+def _assess_risk(
+    cfg: Any,
+    logger: Any,
+    run_id: str,
+    name: str,
+    run_dir: Path,
+    task: Any,
+    dm: Any,
+    datasets: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    wall: float,
+    devices: int,
+    gpu: Any,
+    screening: Mapping[str, float] | None,
+    references: Mapping[str, float] | None,
+) -> dict[str, float]:
     """The register's monitors for a finished stage, published to its MLflow run."""
     from training.risk.cost import CostTracker
     from training.risk.monitor import StageEvidence, assess
@@ -755,36 +922,60 @@ def _assess_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path, t
     if gpu is not None:
         extra.update(gpu.metrics())
         tags.update(gpu.tags())
-    cost = CostTracker(Path(cfg.paths.output) / "cost_ledger.json",
-                       float(risk.cost.price_per_device_hour), float(risk.cost.daily_budget),
-                       currency=str(risk.cost.currency))  # fmt: skip
+    cost = CostTracker(
+        Path(cfg.paths.output) / "cost_ledger.json",
+        float(risk.cost.price_per_device_hour),
+        float(risk.cost.daily_budget),
+        currency=str(risk.cost.currency),
+    )
     evidence = StageEvidence(
-        stage=name, test_metrics=metrics,
+        stage=name,
+        test_metrics=metrics,
         group_confusions=task.test_group_confusions.get("real", {}),
-        class_names=task.class_names, model=task.model, reference=reference, current=current,
-        wall_seconds=wall, devices=devices, extra=extra,
-    )  # fmt: skip
+        class_names=task.class_names,
+        model=task.model,
+        reference=reference,
+        current=current,
+        wall_seconds=wall,
+        devices=devices,
+        extra=extra,
+    )
     settings = {**dict(risk), "references": dict(references or {})}
     figures = assess(evidence, settings, cost_tracker=cost, run_id=run_id)
     _publish_risk(cfg, logger, run_id, name, run_dir, figures, tags, context=metrics)
     return figures
 
 
-def _publish_risk(cfg: Any, logger: Any, run_id: str, name: str, run_dir: Path,
-                  figures: Mapping[str, float], tags: Mapping[str, str],
-                  context: Mapping[str, float] | None = None) -> None:  # fmt: skip
+def _publish_risk(
+    cfg: Any,
+    logger: Any,
+    run_id: str,
+    name: str,
+    run_dir: Path,
+    figures: Mapping[str, float],
+    tags: Mapping[str, str],
+    context: Mapping[str, float] | None = None,
+) -> None:
     from training.risk.monitor import publish
 
     fired = publish(
-        logger.experiment, run_id, f"{cfg.name}/{name}", figures, run_dir, tags=tags,
-        register_path=cfg.risk.register, alerts_path=cfg.risk.alerts, context=context,
-    )  # fmt: skip
+        logger.experiment,
+        run_id,
+        f"{cfg.name}/{name}",
+        figures,
+        run_dir,
+        tags=tags,
+        register_path=cfg.risk.register,
+        alerts_path=cfg.risk.alerts,
+        context=context,
+    )
     for alert in fired:
         log.warning("ALERT %s (%s): %s", alert["rule"], alert["risk_id"], alert["message"])
 
 
-def register_and_compare(cfg: Any, uri: str, run_id: str, dm: Any,
-                         num_classes: int) -> dict[str, float]:  # fmt: skip
+def register_and_compare(
+    cfg: Any, uri: str, run_id: str, dm: Any, num_classes: int
+) -> dict[str, float]:
     """Register the stage's model; a challenger is A/B-compared with the champion on the
     real validation images and promoted only if it wins by the margin (T-01)."""
     from mlflow.tracking import MlflowClient
@@ -804,16 +995,28 @@ def register_and_compare(cfg: Any, uri: str, run_id: str, dm: Any,
     loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
     loader = loaders.get("real") or loaders.get("sim")
     comparison = registry.compare(
-        lambda model: per_image_scores(model, loader, num_classes, metric=str(reg.metric),
-                                       batch_forward=True),
-        margin=float(reg.margin), confidence=float(reg.confidence), seed=int(cfg.seed),
-    )  # fmt: skip
+        lambda model: per_image_scores(
+            model, loader, num_classes, metric=str(reg.metric), batch_forward=True
+        ),
+        margin=float(reg.margin),
+        confidence=float(reg.confidence),
+        seed=int(cfg.seed),
+    )
     promoted = registry.promote(comparison)
     client.set_tag(run_id, "registry/decision", "promoted" if promoted else "kept_champion")
-    log.info("registry %s: challenger v%s %s (diff %.4f, CI [%.4f, %.4f], margin %.3f)",
-             reg.name, version, "promoted" if promoted else "not promoted", comparison.diff,
-             comparison.ci_low, comparison.ci_high, comparison.margin)  # fmt: skip
+    log.info(
+        "registry %s: challenger v%s %s (diff %.4f, CI [%.4f, %.4f], margin %.3f)",
+        reg.name,
+        version,
+        "promoted" if promoted else "not promoted",
+        comparison.diff,
+        comparison.ci_low,
+        comparison.ci_high,
+        comparison.margin,
+    )
     return {
-        "registry/promoted": float(promoted), "registry/diff": comparison.diff,
-        "registry/ci_low": comparison.ci_low, "registry/ci_high": comparison.ci_high,
-    }  # fmt: skip
+        "registry/promoted": float(promoted),
+        "registry/diff": comparison.diff,
+        "registry/ci_low": comparison.ci_low,
+        "registry/ci_high": comparison.ci_high,
+    }

@@ -156,8 +156,9 @@ def group_balance_weights(groups: list[str]) -> np.ndarray:
     return w / w.sum()
 
 
-def _domain_stream(n: int, count: int, seed: int, epoch: int, stream: int,
-                   weights: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def _domain_stream(
+    n: int, count: int, seed: int, epoch: int, stream: int, weights: np.ndarray | None = None
+) -> np.ndarray:
     """The first ``count`` draws of one domain in one epoch, ``(count,) int64`` in [0, n).
 
     Concatenated permutations of ``range(n)``: permutation ``c`` (the ``c``-th pass over the
@@ -298,10 +299,12 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         # Built once per epoch for the whole global stream: its size is what all ranks
         # draw together (batches * world * batch_size), small next to the images.
         total = self._num_global
-        sim = _domain_stream(self.num_sim, total * self.n_sim, self.seed, epoch, _SIM_STREAM,
-                             self.sim_weights)  # fmt: skip
-        real = _domain_stream(self.num_real, total * self.n_real, self.seed, epoch, _REAL_STREAM,
-                              self.real_weights)  # fmt: skip
+        sim = _domain_stream(
+            self.num_sim, total * self.n_sim, self.seed, epoch, _SIM_STREAM, self.sim_weights
+        )
+        real = _domain_stream(
+            self.num_real, total * self.n_real, self.seed, epoch, _REAL_STREAM, self.real_weights
+        )
         return sim, real
 
     def _batch(self, g: int, sim: np.ndarray, real: np.ndarray, epoch: int) -> list[int]:

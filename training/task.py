@@ -234,8 +234,10 @@ class SegmentationTask(pl.LightningModule):
             return
         step = f"epoch{self.current_epoch:03d}" if split == "val" else "final"
         cm = metrics.confusion().cpu().numpy()
-        self.log_image(confusion_matrix_image(cm, self.class_names, title=f"{split}/{name}"),
-                       f"{split}/{name}/confusion_{step}.png")  # fmt: skip
+        self.log_image(
+            confusion_matrix_image(cm, self.class_names, title=f"{split}/{name}"),
+            f"{split}/{name}/confusion_{step}.png",
+        )
         if name in self._examples:
             images, masks, preds, titles = self._examples[name]
             grid = prediction_grid(images, masks, preds, self.palette, self.image_rows, titles)

@@ -20,8 +20,9 @@ from typing import Any
 _MAX_KEY, _MAX_VALUE = 250, 6000
 
 
-def tracking_uri(output_dir: str | os.PathLike[str], configured: str | None = None,
-                 create: bool = True) -> str:  # fmt: skip
+def tracking_uri(
+    output_dir: str | os.PathLike[str], configured: str | None = None, create: bool = True
+) -> str:
     """``configured`` (``tracking.uri``) if given, else ``MLFLOW_TRACKING_URI`` if set, else
     SQLite in ``output_dir`` (created unless not ``create``): an explicit setting beats the
     environment."""
@@ -48,13 +49,21 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
     """The checked-out commit (``+dirty`` when the tree has changes), or ``unknown``."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
             check=True,
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()  # fmt: skip
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
@@ -120,8 +129,9 @@ def log_dataset_inputs(client: Any, run_id: str, datasets: Mapping[str, Any]) ->
         if ds is None:
             continue
         source = resolve_dataset_source(dataset_source(ds))
-        meta = MetaDataset(source, name=f"{role}:{getattr(ds, 'name', role)}",
-                           digest=dataset_digest(ds))  # fmt: skip
+        meta = MetaDataset(
+            source, name=f"{role}:{getattr(ds, 'name', role)}", digest=dataset_digest(ds)
+        )
         inputs.append(
             DatasetInput(meta._to_mlflow_entity(), [InputTag("mlflow.data.context", role)])
         )
@@ -129,8 +139,9 @@ def log_dataset_inputs(client: Any, run_id: str, datasets: Mapping[str, Any]) ->
         client.log_inputs(run_id, datasets=inputs)
 
 
-def log_model(run_id: str, model: Any, height: int, width: int, uri: str | None = None,
-              name: str = "model") -> None:  # fmt: skip
+def log_model(
+    run_id: str, model: Any, height: int, width: int, uri: str | None = None, name: str = "model"
+) -> None:
     """Log a model under artifact ``name`` with its signature: ``(B, 3, H, W) float32 ->``
     its output (the task model: ``(B, C, H, W)`` logits; a generator: ``(B, 3, H, W)``).
 

@@ -47,8 +47,9 @@ def tracking_source(configured: str | None = None) -> str:
     return "paths.output"
 
 
-def check_tracking(output_dir: str | os.PathLike[str], configured: str | None = None,
-                   timeout_s: float = 5.0) -> str:  # fmt: skip
+def check_tracking(
+    output_dir: str | os.PathLike[str], configured: str | None = None, timeout_s: float = 5.0
+) -> str:
     """Resolve the tracking URI as training will (:func:`training.tracking.tracking_uri`), check
     it with :func:`check_reachable` and return it."""
     from training.tracking import tracking_uri
@@ -91,10 +92,16 @@ def _check_server(uri: str, timeout_s: float, source: str) -> None:
     started = time.monotonic()
     try:
         response = http_request(
-            get_default_host_creds(uri.rstrip("/")), PROBE, "GET",
-            max_retries=0, backoff_factor=0, backoff_jitter=0, timeout=timeout_s,
-            raise_on_status=False, params={"max_results": 1},
-        )  # fmt: skip
+            get_default_host_creds(uri.rstrip("/")),
+            PROBE,
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            backoff_jitter=0,
+            timeout=timeout_s,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
     except MlflowException as exc:
         elapsed = time.monotonic() - started
         raise ConfigError(
@@ -131,8 +138,9 @@ def _check_server(uri: str, timeout_s: float, source: str) -> None:
             "unreachable from the server. See the server's log, or "
             f"{_fallback(source)} to log to the local SQLite store in paths.output."
         )
-    raise ConfigError(f"{source}: the MLflow tracking server {shown} answered {detail}. "
-                      f"{_advice(source, uri)}")  # fmt: skip
+    raise ConfigError(
+        f"{source}: the MLflow tracking server {shown} answered {detail}. {_advice(source, uri)}"
+    )
 
 
 def _failure(exc: BaseException, timeout_s: float, elapsed: float) -> str:

@@ -137,8 +137,9 @@ class GuardLimits:
 
 
 @torch.no_grad()
-def label_corruption(segmenter: nn.Module, source01: torch.Tensor, translated01: torch.Tensor,
-                     num_classes: int) -> CorruptionStats:  # fmt: skip
+def label_corruption(
+    segmenter: nn.Module, source01: torch.Tensor, translated01: torch.Tensor, num_classes: int
+) -> CorruptionStats:
     """Compare a frozen segmenter's predictions on source and translated images.
 
     Args:
@@ -155,9 +156,14 @@ def label_corruption(segmenter: nn.Module, source01: torch.Tensor, translated01:
     return CorruptionStats(as_np[0], as_np[1], int(source01.shape[0]))
 
 
-def measure_corruption(translate: Translator, segmenter: nn.Module, dataset: GeneratedDataset,
-                       indices: Sequence[int], num_classes: int,
-                       batch_size: int = 16) -> CorruptionStats:  # fmt: skip
+def measure_corruption(
+    translate: Translator,
+    segmenter: nn.Module,
+    dataset: GeneratedDataset,
+    indices: Sequence[int],
+    num_classes: int,
+    batch_size: int = 16,
+) -> CorruptionStats:
     """Label-corruption figures of ``translate`` over ``dataset[indices]``."""
     stats = CorruptionStats.zeros(num_classes)
     for start in range(0, len(indices), batch_size):
@@ -176,12 +182,16 @@ class TranslationResult:
     written_frames: int = 0
 
 
-def translate_dataset(translate: Translator, source: GeneratedDataset, root: str | Path,
-                      provenance: Mapping[str, Any], batch_size: int = 16,
-                      segmenter: nn.Module | None = None,
-                      card_extra: Mapping[str, Any] | None = None,
-                      progress: Callable[[int, int], None] | None = None,
-                      ) -> TranslationResult:  # fmt: skip
+def translate_dataset(
+    translate: Translator,
+    source: GeneratedDataset,
+    root: str | Path,
+    provenance: Mapping[str, Any],
+    batch_size: int = 16,
+    segmenter: nn.Module | None = None,
+    card_extra: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TranslationResult:
     """Write ``translate(source)`` as a new dataset at ``root``, shard by shard.
 
     The new dataset keeps the source's shard layout, masks, taxonomy hash and every
@@ -207,20 +217,26 @@ def translate_dataset(translate: Translator, source: GeneratedDataset, root: str
     fingerprint = {
         "taxonomy_hash": source.card.get("taxonomy_hash"),
         "image_size": list(source.image_size),
-        "source": {"root": str(Path(source.root).resolve()),
-                   "fingerprint": source.card.get("fingerprint"),
-                   "shards": [s["files"] for s in source.card["shards"]]},
+        "source": {
+            "root": str(Path(source.root).resolve()),
+            "fingerprint": source.card.get("fingerprint"),
+            "shards": [s["files"] for s in source.card["shards"]],
+        },
         "translation": dict(provenance),
-    }  # fmt: skip
+    }
     extra = {
         "name": f"{source.name}-translated",
         "domain": int(source.card.get("domain") or 0),
-        "translation": {**dict(provenance), "source": source.name,
-                        "source_root": str(Path(source.root).resolve())},
+        "translation": {
+            **dict(provenance),
+            "source": source.name,
+            "source_root": str(Path(source.root).resolve()),
+        },
         **dict(card_extra or {}),
-    }  # fmt: skip
-    writer = DatasetWriter(root, source.num_frames, source.shard_size, fingerprint,
-                           card_extra=extra)  # fmt: skip
+    }
+    writer = DatasetWriter(
+        root, source.num_frames, source.shard_size, fingerprint, card_extra=extra
+    )
     todo = writer.open()
     stats = CorruptionStats.zeros(num_classes) if segmenter is not None else None
     ranges = shard_ranges(source.num_frames, source.shard_size)

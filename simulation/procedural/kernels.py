@@ -27,11 +27,21 @@ NUM_MATERIALS = 16
 S_SKY, S_GROUND, S_LEFT, S_RIGHT, S_UPRIGHT = range(5)
 #: Order of the weather columns handed to :func:`shade` (fields of ``Weather``).
 WEATHER_COLUMNS = (
-    "cloudiness", "precipitation", "sun_azimuth_angle", "sun_altitude_angle", "fog_density",
-    "fog_distance", "fog_falloff", "scattering_intensity", "mie_scattering_scale",
-    "rayleigh_scattering_scale", "dust_storm", "wind_intensity", "wetness",
+    "cloudiness",
+    "precipitation",
+    "sun_azimuth_angle",
+    "sun_altitude_angle",
+    "fog_density",
+    "fog_distance",
+    "fog_falloff",
+    "scattering_intensity",
+    "mie_scattering_scale",
+    "rayleigh_scattering_scale",
+    "dust_storm",
+    "wind_intensity",
+    "wetness",
     "precipitation_deposits",
-)  # fmt: skip
+)
 
 
 @lru_cache(maxsize=1)
@@ -44,8 +54,9 @@ def value_noise(size: int = 256) -> torch.Tensor:
         grid = torch.rand(1, 1, cells, cells, generator=gen)
         grid = torch.cat([grid, grid[..., :1, :]], dim=2)
         grid = torch.cat([grid, grid[..., :, :1]], dim=3)  # wrap for tiling
-        up = F.interpolate(grid, size=(size + size // cells,) * 2, mode="bilinear",
-                           align_corners=True)  # fmt: skip
+        up = F.interpolate(
+            grid, size=(size + size // cells,) * 2, mode="bilinear", align_corners=True
+        )
         out += amp * up[0, 0, :size, :size]
         total += amp
         amp *= 0.6
@@ -82,9 +93,27 @@ def plane_depth(a: torch.Tensor, q: torch.Tensor, cc: torch.Tensor) -> torch.Ten
 
 
 def background(
-    dx, yw, zw, cam_h, c0, ty, a, dash_phase, le, re, sw, lw, lanes,
-    frontage, blen, phase, kind, top, color, classes: tuple[int, ...],
-):  # fmt: skip
+    dx,
+    yw,
+    zw,
+    cam_h,
+    c0,
+    ty,
+    a,
+    dash_phase,
+    le,
+    re,
+    sw,
+    lw,
+    lanes,
+    frontage,
+    blen,
+    phase,
+    kind,
+    top,
+    color,
+    classes: tuple[int, ...],
+):
     """Ground and frontages: the nearest surface per pixel.
 
     Args:
@@ -172,9 +201,15 @@ def background(
         lit = window & hit & (torch.frac(torch.sin(cell) * 43758.5) > 0.55)
         emissive = torch.where(lit, 1.0, emissive)
     return (
-        depth, label.to(torch.uint8), material, surface.to(torch.uint8), height, tex_u, tex_v,
+        depth,
+        label.to(torch.uint8),
+        material,
+        surface.to(torch.uint8),
+        height,
+        tex_u,
+        tex_v,
         emissive,
-    )  # fmt: skip
+    )
 
 
 def albedo(palette, material, tex_u, tex_v, tex_off, texture: float, wetness, deposits, noise):
@@ -277,9 +312,15 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
     sx, sy, sz = torch.cos(alt) * torch.sin(az), torch.sin(alt), torch.cos(alt) * torch.cos(az)
     zero = torch.zeros(n)
     lambert = torch.stack(
-        [zero, sy.clamp_min(0), sx.clamp_min(0), (-sx).clamp_min(0),
-         (-sz).clamp_min(0) * 0.8 + 0.2 * sy.clamp_min(0)], -1
-    )  # (N, 5): sky, ground, left facade, right facade, upright objects  # fmt: skip
+        [
+            zero,
+            sy.clamp_min(0),
+            sx.clamp_min(0),
+            (-sx).clamp_min(0),
+            (-sz).clamp_min(0) * 0.8 + 0.2 * sy.clamp_min(0),
+        ],
+        -1,
+    )  # (N, 5): sky, ground, left facade, right facade, upright objects
     light = (
         amb[:, None, None] * amb_col[:, None, :]
         + (sun[:, None] * lambert)[..., None] * (sun_col[:, None, :])

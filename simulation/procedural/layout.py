@@ -172,9 +172,17 @@ def make_objects(
         if ridden:  # the rider is a person, as in CARLA and Cityscapes
             rider = rng.uniform(0.1, 0.8, size=3).astype(np.float32)
             rows.append(
-                (e, z - 0.05, 0.55, 1.0, height * 0.55, TEMPLATE_ID["pedestrian"],
-                 labels["person"], rider)
-            )  # fmt: skip
+                (
+                    e,
+                    z - 0.05,
+                    0.55,
+                    1.0,
+                    height * 0.55,
+                    TEMPLATE_ID["pedestrian"],
+                    labels["person"],
+                    rider,
+                )
+            )
 
     for ped in p.pedestrians:
         color = np.asarray(ped.color, np.float32) / 255.0
@@ -201,14 +209,30 @@ def make_objects(
                 template = TEMPLATE_ID["sign_disc" if rng.uniform() < 0.5 else "sign_square"]
                 color = sign_colors[rng.integers(0, len(sign_colors))]
                 rows.append(
-                    (e_pole - side * 0.1, z - 0.1, 0.7, 0.7, 2.2, template,
-                     labels["traffic_sign"], color)
-                )  # fmt: skip
+                    (
+                        e_pole - side * 0.1,
+                        z - 0.1,
+                        0.7,
+                        0.7,
+                        2.2,
+                        template,
+                        labels["traffic_sign"],
+                        color,
+                    )
+                )
             elif kind < 0.75:  # a street lamp head
                 rows.append(
-                    (e_pole - side * 0.4, z - 0.1, 0.8, 0.25, height - 0.25, TEMPLATE_ID["lamp"],
-                     labels["pole"], grey)
-                )  # fmt: skip
+                    (
+                        e_pole - side * 0.4,
+                        z - 0.1,
+                        0.8,
+                        0.25,
+                        height - 0.25,
+                        TEMPLATE_ID["lamp"],
+                        labels["pole"],
+                        grey,
+                    )
+                )
             z += spacing * rng.uniform(0.8, 1.2)
 
     n_trees = rng.poisson(8.0 * road.tree_density)
@@ -220,14 +244,30 @@ def make_objects(
         height = rng.uniform(4.0, 9.0)
         color = vegetation_colors[rng.integers(0, len(vegetation_colors))]
         rows.append(
-            (e, rng.uniform(5.0, 90.0), 0.55 * height, height, 0.0, TEMPLATE_ID["tree"],
-             labels["vegetation"], color)
-        )  # fmt: skip
+            (
+                e,
+                rng.uniform(5.0, 90.0),
+                0.55 * height,
+                height,
+                0.0,
+                TEMPLATE_ID["tree"],
+                labels["vegetation"],
+                color,
+            )
+        )
 
     if not rows:
         empty = np.zeros(0, np.float32)
-        return Objects(empty, empty, empty, empty, empty, empty.astype(np.int64),
-                       empty.astype(np.uint8), np.zeros((0, 3), np.float32))  # fmt: skip
+        return Objects(
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty.astype(np.int64),
+            empty.astype(np.uint8),
+            np.zeros((0, 3), np.float32),
+        )
     cols = list(zip(*rows, strict=True))
     return Objects(
         e=np.asarray(cols[0], np.float32),

@@ -58,9 +58,18 @@ from simulation.randomization import SceneParams
 from simulation.sensor import apply_sensor_effects
 
 REQUIRED_CLASSES = (
-    "road", "sidewalk", "building", "fence", "pole", "traffic_sign",
-    "vegetation", "terrain", "sky", "person", "vehicle",
-)  # fmt: skip
+    "road",
+    "sidewalk",
+    "building",
+    "fence",
+    "pole",
+    "traffic_sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "vehicle",
+)
 
 
 @lru_cache(maxsize=3)
@@ -106,9 +115,17 @@ class ProceduralRenderer:
         self.labels = dict(class_index)
         s = style
         self._parts = part_colors(
-            {GLASS: s.glass, TYRE: s.tyre, TAIL: (0.8, 0.05, 0.05), HEAD: (0.95, 0.95, 0.85),
-             SKIN: s.skin, METAL: s.pole, TRUNK: (0.30, 0.22, 0.15), LAMP: (0.9, 0.9, 0.8)}
-        )  # fmt: skip
+            {
+                GLASS: s.glass,
+                TYRE: s.tyre,
+                TAIL: (0.8, 0.05, 0.05),
+                HEAD: (0.95, 0.95, 0.85),
+                SKIN: s.skin,
+                METAL: s.pole,
+                TRUNK: (0.30, 0.22, 0.15),
+                LAMP: (0.9, 0.9, 0.8),
+            }
+        )
         assert self._parts.shape == (NUM_PARTS, 3)
         pal = np.zeros((NUM_MATERIALS, 3), np.float32)
         pal[M_ROAD], pal[M_MARK], pal[M_SIDEWALK] = s.road, s.marking, s.sidewalk
@@ -121,8 +138,10 @@ class ProceduralRenderer:
             for c in ("road", "sidewalk", "terrain", "building", "vegetation", "fence", "sky")
         )
         self._kernels = {
-            "background": kernels.background, "albedo": kernels.albedo, "shade": kernels.shade,
-        }  # fmt: skip
+            "background": kernels.background,
+            "albedo": kernels.albedo,
+            "shade": kernels.shade,
+        }
         if compile:
             # inductor fuses the kernels' element-wise chains; shapes are static per batch size
             self._kernels = {
@@ -157,33 +176,47 @@ class ProceduralRenderer:
         k = self._kernels
         noise = kernels.value_noise()
         depth, label, material, surface, height_m, tex_u, tex_v, emissive = k["background"](
-            g.dx, g.yw, g.zw, g.cam_h, g.c0, g.ty, g.a, g.dash_phase,
+            g.dx,
+            g.yw,
+            g.zw,
+            g.cam_h,
+            g.c0,
+            g.ty,
+            g.a,
+            g.dash_phase,
             _column([s.left_edge for s in streets]),
             _column([s.right_edge for s in streets]),
             _column([p.road.sidewalk_width_m for p in params]),
             _column([p.road.lane_width_m for p in params]),
             _column([p.road.lanes for p in params]),
-            torch.tensor([[s.frontage_left, s.frontage_right] for s in streets],
-                         dtype=torch.float32),
+            torch.tensor(
+                [[s.frontage_left, s.frontage_right] for s in streets], dtype=torch.float32
+            ),
             _column([s.block_len for s in streets]),
             torch.from_numpy(np.stack([s.phase for s in streets]).astype(np.float32)),
             torch.from_numpy(np.stack([s.kind for s in streets])),
             torch.from_numpy(np.stack([s.top for s in streets]).astype(np.float32)),
             torch.from_numpy(np.stack([s.color for s in streets])),
             self._classes,
-        )  # fmt: skip
+        )
         albedo, puddle = k["albedo"](
-            self._palette, material, tex_u, tex_v, tex_off, float(self.style.texture),
+            self._palette,
+            material,
+            tex_u,
+            tex_v,
+            tex_off,
+            float(self.style.texture),
             _column([p.weather.wetness / 100.0 for p in params]),
             _column([p.weather.precipitation_deposits / 100.0 for p in params]),
             noise,
-        )  # fmt: skip
+        )
         # upright objects, z-tested against the background (numpy views share memory)
         depth_np, label_np = depth.numpy(), label.numpy()
         albedo_np, emissive_np = albedo.numpy(), emissive.numpy()
         before = depth_np.copy()
-        rasterize(self._project(objects, g), depth_np, label_np, albedo_np, emissive_np,
-                  self._parts)  # fmt: skip
+        rasterize(
+            self._project(objects, g), depth_np, label_np, albedo_np, emissive_np, self._parts
+        )
         upright = torch.from_numpy(depth_np != before)
         surface[upright] = S_UPRIGHT
         height_m[upright] = 1.0
@@ -191,8 +224,9 @@ class ProceduralRenderer:
             [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
         )
         streak = self._streaks(params, keys)
-        image = k["shade"](albedo, surface, emissive, depth, height_m, puddle, g.dx, g.yw, g.zw,
-                           wx, streak, noise)  # fmt: skip
+        image = k["shade"](
+            albedo, surface, emissive, depth, height_m, puddle, g.dx, g.yw, g.zw, wx, streak, noise
+        )
         image = image.permute(0, 3, 1, 2).contiguous()
         image = camera_effects.apply(image, self.style, keys)
         image = apply_sensor_effects(image, [p.sensor for p in params], keys)
@@ -263,10 +297,12 @@ class ProceduralRenderer:
         theta[:, 0, 0], theta[:, 0, 1] = c, -s * aspect
         theta[:, 1, 0], theta[:, 1, 1] = s / aspect, c
         grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
-        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)  # fmt: skip
-        lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                            align_corners=False)[:, 0]  # fmt: skip
+        image = F.grid_sample(
+            image, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        lab = F.grid_sample(
+            label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )[:, 0]
         outside = (grid.abs() > 1.0).any(dim=-1)
         lab[outside] = 255.0
         return image, lab.to(torch.uint8)

@@ -22,10 +22,23 @@ NUM_PARTS = 13
 EMISSIVE_PARTS = (TAIL, HEAD, LAMP)
 
 TEMPLATE_NAMES = (
-    "car_rear", "car_front", "van_rear", "van_front", "truck_rear", "truck_front",
-    "bus_rear", "bus_front", "motorcycle", "bicycle", "pedestrian", "pole", "sign_disc",
-    "sign_square", "tree", "lamp",
-)  # fmt: skip
+    "car_rear",
+    "car_front",
+    "van_rear",
+    "van_front",
+    "truck_rear",
+    "truck_front",
+    "bus_rear",
+    "bus_front",
+    "motorcycle",
+    "bicycle",
+    "pedestrian",
+    "pole",
+    "sign_disc",
+    "sign_square",
+    "tree",
+    "lamp",
+)
 TEMPLATE_ID = {n: i for i, n in enumerate(TEMPLATE_NAMES)}
 
 

@@ -491,9 +491,18 @@ def _parse_rule(raw: Any, where: str) -> AlertRule:
 
 _WEBHOOK_KEYS = {"type", "url_env", "timeout_s"}
 _SMTP_KEYS = {
-    "type", "host", "host_env", "port", "sender", "recipients", "recipients_env",
-    "user_env", "password_env", "starttls", "timeout_s",
-}  # fmt: skip
+    "type",
+    "host",
+    "host_env",
+    "port",
+    "sender",
+    "recipients",
+    "recipients_env",
+    "user_env",
+    "password_env",
+    "starttls",
+    "timeout_s",
+}
 
 
 def _notifiers_from_config(cfg: Any, source: str) -> dict[str, list[Notifier]]:

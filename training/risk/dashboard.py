@@ -22,8 +22,13 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _bar_panel(title: str, values: Mapping[str, float], threshold: float | None = None,
-               unit: str = "", lower_is_bad: bool = False) -> str:  # fmt: skip
+def _bar_panel(
+    title: str,
+    values: Mapping[str, float],
+    threshold: float | None = None,
+    unit: str = "",
+    lower_is_bad: bool = False,
+) -> str:
     """An ``<img>`` tag with a bar chart of ``values`` and an optional threshold line."""
     from matplotlib.figure import Figure
 

@@ -73,8 +73,9 @@ def _aligned(a: Mapping[str, int], b: Mapping[str, int]) -> tuple[np.ndarray, np
     return np.array([a.get(k, 0) for k in keys]), np.array([b.get(k, 0) for k in keys])
 
 
-def drift_metrics(model: torch.nn.Module | None, reference: Any, current: Any,
-                  samples: int = 128, seed: int = 0) -> dict[str, float]:  # fmt: skip
+def drift_metrics(
+    model: torch.nn.Module | None, reference: Any, current: Any, samples: int = 128, seed: int = 0
+) -> dict[str, float]:
     """T-02 figures between ``reference`` (training data) and ``current`` (real data)."""
     from training.risk import drift
 
@@ -93,18 +94,23 @@ def drift_metrics(model: torch.nn.Module | None, reference: Any, current: Any,
         with torch.no_grad():  # the predicted class mix, a categorical distribution
             model.eval()
             dev = next(model.parameters()).device
-            mix_r = np.bincount(model(ref_img.to(dev)).argmax(1).flatten().cpu().numpy(),
-                                minlength=model.num_classes)  # fmt: skip
-            mix_c = np.bincount(model(cur_img.to(dev)).argmax(1).flatten().cpu().numpy(),
-                                minlength=model.num_classes)  # fmt: skip
+            mix_r = np.bincount(
+                model(ref_img.to(dev)).argmax(1).flatten().cpu().numpy(),
+                minlength=model.num_classes,
+            )
+            mix_c = np.bincount(
+                model(cur_img.to(dev)).argmax(1).flatten().cpu().numpy(),
+                minlength=model.num_classes,
+            )
         categorical["predicted_class_mix"] = (mix_r, mix_c)
     report = drift.drift_report(ref_f, cur_f, names, categorical=categorical)
     out.update(report.metrics(prefix="risk/T-02/"))
     return out
 
 
-def assess(evidence: StageEvidence, settings: Mapping[str, Any],
-           cost_tracker: Any = None, run_id: str = "") -> dict[str, float]:  # fmt: skip
+def assess(
+    evidence: StageEvidence, settings: Mapping[str, Any], cost_tracker: Any = None, run_id: str = ""
+) -> dict[str, float]:
     """Every monitor's figures for a finished stage (see the module docstring).
 
     Args:
@@ -125,7 +131,7 @@ def assess(evidence: StageEvidence, settings: Mapping[str, Any],
         ("miou", "miou"),
     ):
         if f"test/real/{key}" in m:
-            out[f"risk/T-01/{name}"] = float(m[f"test/real/{key}"])  # fmt: skip
+            out[f"risk/T-01/{name}"] = float(m[f"test/real/{key}"])
     for key in ("miou", "pixel_acc", "macro_f1"):
         if f"test/gap/{key}" in m:
             out[f"risk/T-09/gap_{key}"] = float(m[f"test/gap/{key}"])
@@ -135,31 +141,49 @@ def assess(evidence: StageEvidence, settings: Mapping[str, Any],
         report = fairness.fairness_report(evidence.group_confusions, evidence.class_names)
         out.update(report.metrics(prefix="risk/T-08/"))
     if evidence.reference is not None and evidence.current is not None:
-        out.update(drift_metrics(evidence.model, evidence.reference, evidence.current,
-                                 int(settings.get("drift_samples", 128))))  # fmt: skip
+        out.update(
+            drift_metrics(
+                evidence.model,
+                evidence.reference,
+                evidence.current,
+                int(settings.get("drift_samples", 128)),
+            )
+        )
     if evidence.model is not None and settings.get("latency_kinds"):
         h, w = evidence.current[0]["image"].shape[-2:] if evidence.current else (128, 256)
         report = latency.latency_report(
-            evidence.model, int(h), int(w), kinds=list(settings["latency_kinds"]),
-            runs=int(settings.get("latency_runs", 30)), warmup=5,
-        )  # fmt: skip
+            evidence.model,
+            int(h),
+            int(w),
+            kinds=list(settings["latency_kinds"]),
+            runs=int(settings.get("latency_runs", 30)),
+            warmup=5,
+        )
         out.update(report.metrics(prefix="risk/T-06/"))
     if cost_tracker is not None:
         from training.risk.cost import device_hours
 
-        cost_tracker.record(run_id or evidence.stage,
-                            device_hours(evidence.wall_seconds, evidence.devices),
-                            devices=evidence.devices)  # fmt: skip
+        cost_tracker.record(
+            run_id or evidence.stage,
+            device_hours(evidence.wall_seconds, evidence.devices),
+            devices=evidence.devices,
+        )
         out.update(cost_tracker.metrics(run_id=run_id or evidence.stage, prefix="risk/O-01/"))
     out.update(evidence.extra)
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 
-def publish(client: Any, run_id: str, title: str, metrics: Mapping[str, float],
-            output_dir: str | Path, tags: Mapping[str, str] | None = None,
-            register_path: str | Path | None = None,
-            alerts_path: str | Path | None = None,
-            context: Mapping[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def publish(
+    client: Any,
+    run_id: str,
+    title: str,
+    metrics: Mapping[str, float],
+    output_dir: str | Path,
+    tags: Mapping[str, str] | None = None,
+    register_path: str | Path | None = None,
+    alerts_path: str | Path | None = None,
+    context: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate alerts; log figures, register table, alerts and the dashboard to MLflow.
 
     Returns the fired alerts as dicts. A failing notifier never breaks the run: its failure
@@ -187,8 +211,7 @@ def publish(client: Any, run_id: str, title: str, metrics: Mapping[str, float],
     if failures:
         client.set_tag(run_id, "risk/notifier_failures", json.dumps(failures)[:5000])
     client.log_table(run_id, data=_columns(rows), artifact_file="risk/register.json")
-    client.log_dict(run_id, {"alerts": fired, "notifier_failures": failures},
-                    "risk/alerts.json")  # fmt: skip
+    client.log_dict(run_id, {"alerts": fired, "notifier_failures": failures}, "risk/alerts.json")
     shown = {**{k: v for k, v in (context or {}).items() if math.isfinite(v)}, **finite}
     page = render_dashboard(title, shown, rows, fired, notes=dict(tags or {}))
     path = output_dir / "risk_dashboard.html"
@@ -212,7 +235,9 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     for r in rows:
         keys.extend(k for k in r if k not in keys)
     return {
-        k: [v if isinstance(v, str | int | float) or v is None else json.dumps(v, default=str)
-            for v in (r.get(k) for r in rows)]
+        k: [
+            v if isinstance(v, str | int | float) or v is None else json.dumps(v, default=str)
+            for v in (r.get(k) for r in rows)
+        ]
         for k in keys
-    }  # fmt: skip
+    }

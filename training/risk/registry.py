@@ -366,9 +366,12 @@ class ModelRegistry:
         version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         version_tags["registered_at"] = _now()
         mv = self.client.create_model_version(
-            self.name, source=f"models:/{model_id}", run_id=run_id, tags=version_tags,
+            self.name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags=version_tags,
             model_id=model_id,
-        )  # fmt: skip
+        )
         version = str(mv.version)
         if CHAMPION not in self.aliases():
             self.client.set_registered_model_alias(self.name, CHAMPION, version)
@@ -512,9 +515,15 @@ class ModelRegistry:
         a_scores = np.asarray(evaluate_fn(self.load(a_version)))
         b_scores = np.asarray(evaluate_fn(self.load(b_version)))
         return compare_scores(
-            a_scores, b_scores, margin, confidence, n_boot, seed,
-            champion_version=a_version, challenger_version=b_version,
-        )  # fmt: skip
+            a_scores,
+            b_scores,
+            margin,
+            confidence,
+            n_boot,
+            seed,
+            champion_version=a_version,
+            challenger_version=b_version,
+        )
 
     # ------------------------------------------------------------------ internals
     def _exists(self) -> bool:

@@ -53,14 +53,23 @@ def decide(accuracy: float, psi: float, accuracy_min: float, psi_max: float) -> 
     return reasons
 
 
-def retrain_command(overrides: Sequence[str], reasons: Sequence[str], output: str,
-                    tracking_uri: str | None = None,
-                    registry_name: str | None = None) -> list[str]:  # fmt: skip
+def retrain_command(
+    overrides: Sequence[str],
+    reasons: Sequence[str],
+    output: str,
+    tracking_uri: str | None = None,
+    registry_name: str | None = None,
+) -> list[str]:
     """The ``scripts/train.py`` command that fine-tunes on the new data, tagged with why,
     writing to the same tracking store and registered model as the champion it watches."""
     why = "; ".join(reasons).replace("'", "")
-    cmd = [sys.executable, str(SCRIPTS / "train.py"), *overrides, f"paths.output={output}",
-           f"tracking.trigger='{why}'"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "train.py"),
+        *overrides,
+        f"paths.output={output}",
+        f"tracking.trigger='{why}'",
+    ]
     if tracking_uri:
         cmd.append(f"tracking.uri='{tracking_uri}'")
     if registry_name:
@@ -119,8 +128,11 @@ def check_champion(
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name="monitor/champion-check",
-                            tags={"stage": "monitor", "registry_name": registry_name})  # fmt: skip
+    run = client.create_run(
+        exp_id,
+        run_name="monitor/champion-check",
+        tags={"stage": "monitor", "registry_name": registry_name},
+    )
     result.run_id = run.info.run_id
     client.log_metric(result.run_id, "risk/T-01/accuracy", accuracy)
     client.log_metric(result.run_id, "risk/T-02/psi", psi)
@@ -129,15 +141,17 @@ def check_champion(
     client.set_tag(result.run_id, "decision", "retrain" if reasons else "keep")
     client.set_tag(result.run_id, "trigger", "; ".join(reasons) or "none")
     if result.retrain:
-        result.command = retrain_command(retrain_overrides, reasons, output_dir,
-                                         tracking_uri, registry_name)  # fmt: skip
+        result.command = retrain_command(
+            retrain_overrides, reasons, output_dir, tracking_uri, registry_name
+        )
         client.set_tag(result.run_id, "retrain_command", shlex.join(result.command)[:5000])
         if not dry_run:
             log.warning("retraining: %s", "; ".join(reasons))
             result.returncode = subprocess.run(result.command, check=False).returncode
             client.set_tag(result.run_id, "retrain_returncode", str(result.returncode))
     client.log_dict(result.run_id, result.to_dict(), "monitor/check.json")
-    client.set_terminated(result.run_id, "FAILED" if result.returncode not in (None, 0)
-                          else "FINISHED")  # fmt: skip
+    client.set_terminated(
+        result.run_id, "FAILED" if result.returncode not in (None, 0) else "FINISHED"
+    )
     log.info("champion check: %s", json.dumps(result.to_dict()))
     return result
