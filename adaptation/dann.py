@@ -26,13 +26,17 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptation.grl import gradient_reversal
+from adaptation.grl import gradient_reversal, grl_lambda, progress
+from adaptation.plugin import ModelInfo, Objective, StepOutputs, TaskAdaptation
 
-__all__ = ["dann_loss", "output_space_loss"]
+__all__ = ["DANN", "DannObjective", "dann_loss", "output_space_loss"]
 
 #: Domain labels of the Sample contract.
 SIM, REAL = 0.0, 1.0
@@ -126,3 +130,94 @@ def output_space_loss(
     return dann_loss(
         logits_src.softmax(dim=1), logits_tgt.softmax(dim=1), discriminator, lambda_, pool=False
     )
+
+
+# ------------------------------------------------------------------------ the plug-in
+class DannObjective(Objective):
+    """DANN's domain loss for one stage: the labelled sim samples of each batch against a
+    batch of unlabelled real images, through a gradient reversal whose coefficient follows
+    :func:`~adaptation.grl.grl_lambda` of the training progress (read from the step).
+
+    Logs ``dann/loss``, ``dann/domain_acc`` and ``dann/lambda``.
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        unlabeled: Callable[[], Any],
+        weight: float,
+        gamma: float,
+    ) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self._unlabeled = unlabeled
+        self._batches: Any = None
+        self.weight, self.gamma = float(weight), float(gamma)
+
+    def forward(  # type: ignore[override]
+        self, batch: Mapping[str, Any], outputs: StepOutputs
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        sim_features = outputs.features[batch["domain"] == SIM]
+        if sim_features.shape[0] == 0:  # a real-only batch: nothing to align
+            return outputs.features.sum() * 0.0, {}
+        if self._batches is None:
+            self._batches = iter(self._unlabeled())
+        real = next(self._batches)["image"].to(outputs.features.device)
+        _, real_features = outputs.forward_features(real)
+        lam = grl_lambda(progress(outputs.step, outputs.total_steps), self.gamma)
+        loss, accuracy = dann_loss(sim_features, real_features, self.discriminator, lam)
+        logs = {"dann/loss": loss.detach(), "dann/domain_acc": accuracy, "dann/lambda": lam}
+        return self.weight * loss, logs
+
+
+class DANN(TaskAdaptation):
+    """Feature-level adaptation (Ganin and Lempitsky 2015) as a plug-in.
+
+    Args:
+        stages: the stages whose training adds the domain loss.
+        discriminator: ``in_features -> nn.Module`` (a ``_partial_`` node of
+            :class:`~adaptation.discriminator.DomainDiscriminator`).
+        weight: weight of the adversarial term in the loss.
+        gamma: steepness of the GRL schedule (10 in Ganin and Lempitsky).
+        unlabeled_batch_size: unlabelled real images per step; None: the labelled batch
+            size.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[str],
+        discriminator: Callable[..., nn.Module],
+        weight: float = 1.0,
+        gamma: float = 10.0,
+        unlabeled_batch_size: int | None = None,
+    ) -> None:
+        from core.config import check_number
+
+        self.stages = list(stages)
+        self.make_discriminator = discriminator
+        self.weight = check_number("adaptation.dann.weight", weight, low=0)
+        self.gamma = check_number("adaptation.dann.gamma", gamma, low=0)
+        self.unlabeled_batch_size = check_number(
+            "adaptation.dann.unlabeled_batch_size",
+            unlabeled_batch_size,
+            low=1,
+            integer=True,
+            optional=True,
+        )
+
+    def objective(self, model: ModelInfo) -> DannObjective:
+        from core.config import ConfigError
+
+        if model.unlabeled is None:
+            raise ConfigError(
+                "data.datasets.real_unlabeled: DANN needs unlabelled real images "
+                "(real_unlabeled, or real_train standing in for it); none found"
+            )
+        size = self.unlabeled_batch_size
+        model.unlabeled(size)  # checks now that the images exist
+        return DannObjective(
+            self.make_discriminator(in_features=model.feature_channels),
+            lambda: model.unlabeled(size),
+            self.weight,
+            self.gamma,
+        )

@@ -29,7 +29,7 @@ from simulation.dataset import GeneratedDataset
 from training.augment import Augment
 from training.datamodule import SimRealDataModule
 from training.losses import SegmentationLoss
-from training.run import ensure_procedural_datasets
+from training.stages.data import ensure_procedural_datasets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -89,11 +89,13 @@ def main() -> None:
             "sim_train": {"style": "sim", "seed": 1, "num_frames": 512},
             "real_train": {"style": "photo", "seed": 2, "num_frames": 256},
         }
-        gen = {"root": str(root), "randomization": "full", "shard_size": 128, "splits": splits}
-        ensure_procedural_datasets(gen, {"height": args.height, "width": args.width}, taxonomy_cfg)
+        preset = OmegaConf.to_container(OmegaConf.load(CONFIGS / "randomization/full.yaml"))
+        gen = {"root": str(root), "randomization": preset, "shard_size": 128, "splits": splits}
+        image = {"height": args.height, "width": args.width}
+        roots = ensure_procedural_datasets(gen, image, taxonomy_cfg)  # <root>/<split>-<key>
         dm = SimRealDataModule(
-            sim_train=GeneratedDataset(root / "sim_train"),
-            real_train=GeneratedDataset(root / "real_train"),
+            sim_train=GeneratedDataset(roots["sim_train"]),
+            real_train=GeneratedDataset(roots["real_train"]),
             sim_ratio=0.9,
             real_fraction=0.5,
             batch_size=args.batch_size,

@@ -11,8 +11,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from simulation.configuration import ConfigError
-from simulation.dataset import atomic_write_bytes, atomic_write_text
+from core.config import ConfigError
+from core.files import atomic_write_bytes, atomic_write_text
 from training import compare
 from training.tracking import redact, tracking_uri
 

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from simulation.generation import run_generate
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
+@hydra.main(version_base="1.3", config_path="pkg://configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
     result = run_generate(cfg)
     print(

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from simulation.configuration import ConfigError, instantiate_checked
+from core.config import ConfigError, instantiate_checked
 from training.risk.registry import ModelRegistry
 from training.risk.retrain import check_champion
 from training.tracking import tracking_uri
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="monitor")
+@hydra.main(version_base="1.3", config_path="pkg://configs", config_name="monitor")
 def main(cfg: DictConfig) -> None:
     uri = tracking_uri(cfg.paths.output, cfg.tracking.uri)
     if cfg.action == "rollback":

@@ -9,12 +9,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from simulation.dataset import atomic_write_text
+from core.files import atomic_write_text
 from training.pipeline import run_pipeline
 from training.tracking import browse_hint, tracking_uri
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="pipeline")
+@hydra.main(version_base="1.3", config_path="pkg://configs", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     _, table = run_pipeline(cfg, overrides)

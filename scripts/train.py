@@ -10,14 +10,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
-from simulation.dataset import atomic_write_text
+from core.files import atomic_write_text
 from training.report import results_table
-from training.run import run_train
+from training.stages import run_train
 from training.sweeps import objective
 from training.tracking import browse_hint, tracking_uri
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not cfg.tracking.sweep_id:

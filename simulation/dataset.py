@@ -35,8 +35,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.files import atomic_write_bytes, atomic_write_json, fsync_dir, unique_suffix, writer_alive
 from simulation.frames import FrameBatch
 
 __all__ = [
@@ -59,8 +58,6 @@ __all__ = [
     "DatasetError",
     "DatasetWriter",
     "GeneratedDataset",
-    "atomic_write_json",
-    "atomic_write_text",
     "shard_ranges",
 ]
 
@@ -120,76 +117,6 @@ def shard_ranges(num_frames: int, shard_size: int) -> list[range]:
         range(start, min(start + shard_size, num_frames))
         for start in range(0, num_frames, shard_size)
     ]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _unique_suffix() -> str:
-    # pid + random part: two processes (or a killed one) never share a temporary name.
-    return f"{os.getpid()}-{secrets.token_hex(4)}"
-
-
-_TMP_PID = re.compile(r"tmp-(?:\d+-)?(\d+)-[0-9a-f]{8}$")
-
-
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process that made temporary ``tmp_name`` still runs (not us)."""
-    match = _TMP_PID.search(tmp_name)
-    if match is None:
-        return False
-    pid = int(match.group(1))
-    if pid == os.getpid():
-        return False  # ours from an earlier attempt in this process: stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _tmp_name(name: str) -> str:
-    return f".{name}.tmp-{_unique_suffix()}"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one,
-    never a part: a temporary file in the same folder, fsynced, then ``os.replace``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Byte version of :func:`atomic_write_text`."""
-    path = Path(path)
-    tmp = path.with_name(_tmp_name(path.name))
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON (with a final newline) via :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -392,7 +319,7 @@ class DatasetWriter:
         leftovers = list(self.shards_dir.glob(f"{_TMP_SHARD_PREFIX}*"))
         leftovers += self.root.glob(".*.tmp-*")  # from atomic_write_* of a killed run
         for path in leftovers:
-            if _writer_alive(path.name):
+            if writer_alive(path.name):
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -443,7 +370,7 @@ class DatasetWriter:
                 f"shard {_shard_name(shard_id)}: records must be JSON-ready ({exc})"
             ) from None
 
-        tmp = self.shards_dir / f"{_TMP_SHARD_PREFIX}{_shard_name(shard_id)}-{_unique_suffix()}"
+        tmp = self.shards_dir / f"{_TMP_SHARD_PREFIX}{_shard_name(shard_id)}-{unique_suffix()}"
         tmp.mkdir(parents=True)
         try:
             checksums = {
@@ -466,12 +393,12 @@ class DatasetWriter:
                 "files": checksums,
             }
             self._write_bytes(tmp / STATS_FILE, (json.dumps(stats) + "\n").encode("utf-8"))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.shards_dir)
+        fsync_dir(self.shards_dir)
 
     @staticmethod
     def _write_npy(path: Path, array: np.ndarray) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from simulation.configuration import ConfigError, instantiate_checked
+from core.config import ConfigError, instantiate_checked
 from simulation.dataset import (
     CARD_FILE,
     DatasetWriter,

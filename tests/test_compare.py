@@ -8,12 +8,12 @@ import io
 import math
 
 import pytest
-from hydra import compose, initialize, initialize_config_dir
+from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from simulation.configuration import ConfigError
-from tests.conftest import CONFIGS
+from core.config import ConfigError
+from tests.conftest import compose_config
 from training import compare
 from training.compare import RunRow
 
@@ -238,11 +238,10 @@ def store(tmp_path_factory):
 
 def train_config(out, *overrides):
     """The smoke training config a sweep job saves in ``.hydra/config.yaml``."""
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose(
-            "train",
-            ["experiment=smoke", f"paths.output={out}", f"paths.data={out / 'data'}", *overrides],
-        )
+    return compose_config(
+        "train",
+        ["experiment=smoke", f"paths.output={out}", f"paths.data={out / 'data'}", *overrides],
+    )
 
 
 def compare_config(out, *overrides):
@@ -253,10 +252,9 @@ def compare_config(out, *overrides):
         return compose("compare", [f"paths.output={out}", *overrides])
 
 
-def test_script_end_to_end(store, monkeypatch, capsys):
+def test_script_end_to_end(store, capsys):
     from scripts.compare import main
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, uri, client, exp = store
     main(compare_config(out, f"sweep={SWEEP}"))
     folder = out / "compare" / SWEEP
@@ -297,10 +295,9 @@ def test_script_end_to_end(store, monkeypatch, capsys):
     assert "real_miou_vs_sim_ratio.png" not in {p.name for p in folder.iterdir()}  # stale
 
 
-def test_script_errors_name_the_key(store, monkeypatch):
+def test_script_errors_name_the_key(store):
     from scripts.compare import main
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, *_ = store
     with pytest.raises(ConfigError, match=rf"^sweep: .*'nope'.*known sweep ids: {SWEEP}, other"):
         main(compare_config(out, "sweep=nope"))
@@ -314,10 +311,9 @@ def test_script_errors_name_the_key(store, monkeypatch):
         main(compare_config(out, f"sweep={SWEEP}", "tracking.experiment=x"))
 
 
-def test_a_sweep_that_reused_every_stage(store, monkeypatch):
+def test_a_sweep_that_reused_every_stage(store):
     from scripts.compare import main
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, *_ = store
     main(compare_config(out, "sweep=all-reused", "log_to_mlflow=false"))
     md = (out / "compare" / "all-reused" / "table.md").read_text()

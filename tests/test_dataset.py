@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.files import atomic_write_json, atomic_write_text
 from simulation.dataset import (
     DatasetError,
     DatasetWriter,
     GeneratedDataset,
-    atomic_write_json,
-    atomic_write_text,
     shard_ranges,
 )
 from simulation.frames import FrameBatch

@@ -10,8 +10,11 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
+from core.hashing import content_hash, generation_key
+from core.paths import generated_root
 from simulation.dataset import DatasetError, DatasetWriter, GeneratedDataset
 from simulation.generation import run_generate
 from simulation.randomization import RandomizationError
@@ -163,3 +166,93 @@ def test_script_runs_and_reports_throughput(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "12 frames in" in out.stdout and "frames/s" in out.stdout
     assert (tmp_path / "cli" / "card.json").exists()
+
+
+# ----------------------------------------------------------------------------- training's splits
+def test_content_hash_is_canonical_and_generation_keys_see_every_input():
+    assert content_hash({"b": 1, "a": [1, 2]}) == content_hash({"a": [1, 2], "b": 1})
+    assert len(content_hash({})) == 12 and int(content_hash({}), 16) >= 0
+    parts = {
+        "split": "sim_train",
+        "spec": {"style": "sim", "seed": 1, "num_frames": 8},
+        "randomization": {"maps": {"Town01": 1.0}},
+        "image": {"height": 32, "width": 64},
+        "shard_size": 4,
+        "taxonomy": {"classes": ["road", "sky"]},
+    }
+    keys = {generation_key(**parts)}
+    for name, other in [
+        ("split", "sim_val"),
+        ("spec", {"style": "sim", "seed": 2, "num_frames": 8}),
+        ("randomization", {"maps": {"Town02": 1.0}}),
+        ("image", {"height": 32, "width": 32}),
+        ("shard_size", 8),
+        ("taxonomy", {"classes": ["road"]}),
+    ]:
+        keys.add(generation_key(**{**parts, name: other}))
+    assert len(keys) == 7
+
+
+def train_config(tmp_path, *overrides: str):
+    """``experiment=smoke`` on 4-frame splits of 32x64 in ``tmp_path``."""
+    tiny = [f"data.generate.splits.{s}.num_frames=4" for s in SPLITS]
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(
+            "train",
+            [
+                "experiment=smoke",
+                f"paths.data={tmp_path}",
+                "data.image.height=32",
+                "data.image.width=64",
+                "data.generate.shard_size=4",
+                "progress=false",
+                *tiny,
+                *overrides,
+            ],
+        )
+
+
+SPLITS = ("sim_train", "sim_val", "real_train", "real_val", "real_test")
+
+
+def test_generated_splits_live_in_folders_named_by_their_config(tmp_path, taxonomy):
+    from training.stages.data import build_datasets, ensure_procedural_datasets, wait_for_datasets
+
+    cfg = train_config(tmp_path)
+    data = cfg.data
+    roots = ensure_procedural_datasets(data.generate, data.image, cfg.taxonomy)
+    assert set(roots) == set(SPLITS)
+    resolved = OmegaConf.to_container(data.datasets, resolve=True)
+    for split, root in roots.items():
+        assert root.parent == tmp_path / "smoke" and root.name.startswith(f"{split}-")
+        assert resolved[split]["root"] == str(root)  # ${generated:<split>}
+        assert root == generated_root(data.generate, split, data.image, cfg.taxonomy)
+    datasets = build_datasets(data.datasets, taxonomy)
+    assert {r: len(d) for r, d in datasets.items() if d is not None} == dict.fromkeys(SPLITS, 4)
+    assert datasets["sim_train"].card["randomization_groups"]
+    cards = {s: (r / "card.json").stat().st_mtime_ns for s, r in roots.items()}
+    assert ensure_procedural_datasets(data.generate, data.image, cfg.taxonomy) == roots
+    assert {s: (r / "card.json").stat().st_mtime_ns for s, r in roots.items()} == cards
+    assert wait_for_datasets(data.generate, data.image, cfg.taxonomy, timeout_s=0) == roots
+
+    # one field of the preset changed: new folders beside the old ones, which stay as they are
+    dusty = train_config(tmp_path, "+randomization.weather.dust_storm=[0,5]")
+    assert dusty.data.generate.randomization.weather.dust_storm == [0, 5]
+    again = ensure_procedural_datasets(dusty.data.generate, dusty.data.image, dusty.taxonomy)
+    assert not set(again.values()) & set(roots.values())
+    assert {s: (r / "card.json").stat().st_mtime_ns for s, r in roots.items()} == cards
+    # plain values (a caller outside Hydra) name the same folders as the config nodes
+    plain = OmegaConf.to_container(dusty, resolve=True)
+    gen, image = plain["data"]["generate"], plain["data"]["image"]
+    assert ensure_procedural_datasets(gen, image, plain["taxonomy"]) == again
+
+
+def test_a_preset_name_in_data_generate_is_refused_with_the_new_syntax(tmp_path):
+    from training.stages.data import ensure_procedural_datasets
+
+    cfg = train_config(tmp_path, "data.generate.randomization=light")
+    with pytest.raises(ConfigError, match=r"got 'light'; pick a preset with randomization=light"):
+        ensure_procedural_datasets(cfg.data.generate, cfg.data.image, cfg.taxonomy)
+    with pytest.raises(ValueError, match=r"data\.datasets\.sim_train\.root: .*randomization=light"):
+        OmegaConf.to_container(cfg.data.datasets, resolve=True)
+    assert not (tmp_path / "smoke").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from simulation.locks import exclusive
+from core.locks import exclusive
 
 
 def _hold(lock, log, seconds):

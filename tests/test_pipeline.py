@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 from tests.conftest import CONFIGS
 from training.pipeline import run_pipeline, summary_table
-from training.run import StageResult, run_train
+from training.stages import StageResult, run_train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,22 +78,22 @@ def test_changing_a_stage_reruns_it_and_what_follows_only(trained, monkeypatch):
 
 
 def test_a_kill_between_stages_resumes_with_the_same_parent_run(tmp_path, monkeypatch):
-    import training.run as run_module
+    import training.stages.loop as loop
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    real_run_stage = run_module.run_stage
+    real_train = loop.train_segmenter
 
-    def killed_before_finetune(cfg, name, *args, **kwargs):
-        if name == "finetune":
+    def killed_before_finetune(store, recipe, spec, *args, **kwargs):
+        if spec.name == "finetune":
             raise KeyboardInterrupt  # the user's Ctrl-C, or the scheduler's kill
-        return real_run_stage(cfg, name, *args, **kwargs)
+        return real_train(store, recipe, spec, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "run_stage", killed_before_finetune)
+    monkeypatch.setattr(loop, "train_segmenter", killed_before_finetune)
     with pytest.raises(KeyboardInterrupt):
         run_train(smoke(tmp_path))
     [parent] = runs_by_stage(tmp_path)["pipeline"]
     assert parent.info.status == "FAILED"
-    monkeypatch.setattr(run_module, "run_stage", real_run_stage)
+    monkeypatch.setattr(loop, "train_segmenter", real_train)
     results = run_train(smoke(tmp_path))
     assert results["source_only"].skipped and not results["finetune"].skipped
     runs = runs_by_stage(tmp_path)

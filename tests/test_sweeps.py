@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from simulation.configuration import ConfigError
+import core.paths  # noqa: F401  (registers the ${generated:SPLIT} resolver)
+from core.config import ConfigError
 from tests.conftest import CONFIGS, ROOT
 from training import sweeps
 from training.sweeps import SweepChecks, SweepConfigError, check_sweep, objective
@@ -112,9 +114,9 @@ def test_unknown_key_names_the_closest_keys(tmp_path):
 
 
 def test_a_group_outside_the_defaults_list_and_a_key_of_some_jobs_only(tmp_path):
-    message = problems(tmp_path, "randomization=none,full")
-    assert "config group 'randomization' is not in the defaults list of train.yaml" in message
-    assert "data.generate.randomization" in message  # what was meant, most likely
+    message = problems(tmp_path, "backend=procedural,carla")  # a group of generate.yaml
+    assert "config group 'backend' is not in the defaults list of train.yaml" in message
+    assert "add it with +backend=..." in message
 
     # adaptation.dann exists with adaptation=dann only: the none jobs would fail
     message = problems(tmp_path, "adaptation=none,dann", "adaptation.dann.weight=0.5,1.0")
@@ -131,8 +133,8 @@ def test_the_issue_sweep_passes(tmp_path):
             "adaptation=none,dann",
             "stages.finetune.sim_ratio=0.5,0.9",
             "stages.finetune.real_fraction=0.05,0.1",
-            "data.generate.randomization=light,full",
-            "data.generate.root=${paths.data}/smoke-${data.generate.randomization}",
+            "randomization=light,full",
+            "randomization.weather.cloudiness=[0,40],[0,80]",
             "seed=0,1",
             "+stages.finetune.note=a,b",  # additions are not checked
         )
@@ -140,17 +142,40 @@ def test_the_issue_sweep_passes(tmp_path):
     )
 
 
-def test_presets_sharing_one_dataset_folder_are_refused(tmp_path):
-    message = problems(tmp_path, "data.generate.randomization=light,full", "seed=0,1")
-    assert "check_dataset_roots" in message
-    assert f"same folder {tmp_path / 'data' / 'smoke'}" in message
-    assert "'data.generate.root=${paths.data}/smoke-${data.generate.randomization}'" in message
-    message = problems(
-        tmp_path,
-        "data.generate.randomization=light,lite",
-        "data.generate.root=${paths.data}/smoke-${data.generate.randomization}",
+def test_presets_get_their_own_dataset_folders(tmp_path):
+    """The generated splits' folders are named by their generation config: no two presets
+    (or seeds, sizes) share one, and a split pointed at a folder of one's own keeps it."""
+
+    def roots(*overrides: str) -> dict[str, str]:
+        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", ["experiment=smoke", f"paths.data={tmp_path}", *overrides])
+        datasets = OmegaConf.to_container(cfg.data.datasets, resolve=True)
+        return {role: node["root"] for role, node in datasets.items() if node}
+
+    light, full = roots(), roots("randomization=full")
+    assert re.fullmatch(
+        re.escape(str(tmp_path / "smoke")) + r"/sim_train-[0-9a-f]{12}", light["sim_train"]
     )
-    assert "randomization=lite is not a preset of configs/randomization/" in message
+    assert set(light) == set(full) and not set(light.values()) & set(full.values())
+    assert roots("randomization=light") == light  # same settings, same folders
+    changed = roots("randomization.weather.cloudiness=[0,61]")
+    assert all(changed[r] != light[r] for r in light)
+    seed = roots("data.generate.splits.sim_val.seed=7")
+    assert seed["sim_val"] != light["sim_val"] and seed["sim_train"] == light["sim_train"]
+    assert roots("data.image.height=32")["real_test"] != light["real_test"]
+    own = roots("data.datasets.real_train.root=/datasets/camera")
+    assert own == {**light, "real_train": "/datasets/camera"}
+
+
+def test_a_preset_name_for_data_generate_is_refused_and_unknown_presets_too(tmp_path):
+    message = problems(tmp_path, "data.generate.randomization=light,full", "seed=0,1")
+    assert "check_randomization: data.generate.randomization=light,full" in message
+    assert "write randomization=light,full" in message
+    message = problems(tmp_path, "data.generate.randomization=none", "seed=0,1")
+    assert "write randomization=none" in message
+    message = problems(tmp_path, "randomization=light,lite")
+    assert "no option lite in config group 'randomization'" in message
+    assert "did you mean light?" in message
 
 
 def test_optuna_search_space_keys_are_checked(tmp_path):
@@ -208,7 +233,7 @@ def test_extra_checks_refuse_the_sweep_through_the_callback(tmp_path):
 
     with multirun(tmp_path, "seed=0,1") as cfg:
         SweepChecks().on_multirun_start(cfg)  # nothing to refuse
-        SweepChecks(["training.sweeps.check_dataset_roots"]).on_multirun_start(cfg)
+        SweepChecks(["training.sweeps.check_randomization"]).on_multirun_start(cfg)
         with pytest.raises(SystemExit) as stop:
             SweepChecks([tracking_server_down]).on_multirun_start(cfg)
     assert "tracking_server_down: cannot reach None" in str(stop.value.code)

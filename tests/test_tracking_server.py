@@ -22,12 +22,12 @@ from pathlib import Path
 
 import mlflow.utils.rest_utils  # noqa: F401 - imported here, not inside the timed checks
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
+from tests.conftest import CONFIGS, compose_config
 from training.tracking_server import check_reachable, check_tracking
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STARTUP_S = 90.0  # a loaded 2-core machine takes 10-20 s
 #: the smoke experiment, smaller still: what is tested here is the tracking, not the training
 FASTER = [
@@ -79,6 +79,7 @@ class Server:
             "1",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         # the job runner (huey consumers, for GenAI evaluation jobs) is not needed here
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.log = (root / "server.log").open("w")
@@ -266,7 +267,7 @@ def test_check_tracking_names_the_setting_that_won(tmp_path, monkeypatch):
     assert uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
 
 
-def test_a_sweep_is_refused_before_its_first_job(tmp_path, monkeypatch):
+def test_a_sweep_is_refused_before_its_first_job(tmp_path):
     """Wired as ``hydra.callbacks.sweep_checks.extra_checks`` (training/sweeps.py), the check
     stops a ``-m`` launch with the message (Hydra 1.3 would only warn on an exception)."""
     from hydra.core.global_hydra import GlobalHydra
@@ -274,7 +275,6 @@ def test_a_sweep_is_refused_before_its_first_job(tmp_path, monkeypatch):
 
     from training.sweeps import SweepChecks
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"http://127.0.0.1:{free_port()}"
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = (
@@ -324,25 +324,24 @@ def trained(server, tmp_path_factory):
     """The smoke training (one epoch a stage), tracked by the server over HTTP."""
     import mlflow
 
-    from training.run import run_train
+    from training.stages import run_train
 
     tmp = tmp_path_factory.mktemp("remote-smoke")
     before = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-            cfg = compose(
-                "train",
-                [
-                    "experiment=smoke",
-                    f"paths.data={tmp / 'data'}",
-                    f"paths.output={tmp / 'out'}",
-                    f"tracking.uri={server.uri}",
-                    "log_model=true",
-                    "registry.enabled=false",
-                    "stages.source_only.max_epochs=1",
-                    *FASTER,
-                ],
-            )
+        cfg = compose_config(
+            "train",
+            [
+                "experiment=smoke",
+                f"paths.data={tmp / 'data'}",
+                f"paths.output={tmp / 'out'}",
+                f"tracking.uri={server.uri}",
+                "log_model=true",
+                "registry.enabled=false",
+                "stages.source_only.max_epochs=1",
+                *FASTER,
+            ],
+        )
         check_tracking(cfg.paths.output, cfg.tracking.uri)
         started = time.monotonic()
         results = run_train(cfg)

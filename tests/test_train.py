@@ -7,29 +7,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 from simulation.dataset import DatasetError
-from tests.conftest import CONFIGS
-from training.run import run_train
+from tests.conftest import compose_config
+from training.stages import run_train
 from training.tracking import dataset_digest
 
 pytestmark = pytest.mark.slow
 
 
+def split_root(tmp_path, split: str) -> Path:
+    """The folder of a generated smoke split (named by the hash of its generation)."""
+    return Path(smoke_config(tmp_path).data.datasets[split].root)
+
+
 def smoke_config(tmp_path, *overrides: str):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose(
-            "train",
-            [
-                "experiment=smoke",
-                f"paths.data={tmp_path / 'data'}",
-                f"paths.output={tmp_path / 'out'}",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "train",
+        [
+            "experiment=smoke",
+            f"paths.data={tmp_path / 'data'}",
+            f"paths.output={tmp_path / 'out'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,7 @@ def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
     assert set(inputs) == {"sim_train", "sim_val", "real_train", "real_val", "real_test"}
     from simulation.dataset import GeneratedDataset
 
-    ds = GeneratedDataset(tmp / "data" / "smoke" / "real_train")
+    ds = GeneratedDataset(split_root(tmp, "real_train"))
     assert inputs["real_train"].digest == dataset_digest(ds)
 
 
@@ -362,13 +365,12 @@ def test_monitor_retrains_only_past_a_threshold(smoke_run, thresholds, retrain):
 
     tmp, _ = smoke_run
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
-    data = tmp / "data" / "smoke"
     result = check_champion(
         uri,
         "sim2real-segmenter-smoke",
         "sim2real-drive",
-        GeneratedDataset(data / "real_test"),
-        GeneratedDataset(data / "real_train"),
+        GeneratedDataset(split_root(tmp, "real_test")),
+        GeneratedDataset(split_root(tmp, "real_train")),
         11,
         thresholds,
         ["experiment=finetune", "data=smoke"],
@@ -428,19 +430,18 @@ def test_monitor_launches_retraining_and_the_new_model_enters_as_challenger(smok
 
     tmp, _ = smoke_run
     uri = f"sqlite:///{tmp / 'out' / 'mlflow.db'}"
-    data = tmp / "data" / "smoke"
     result = check_champion(
         uri,
         "sim2real-segmenter-smoke",
         "sim2real-drive",
-        GeneratedDataset(data / "real_test"),
-        GeneratedDataset(data / "real_train"),
+        GeneratedDataset(split_root(tmp, "real_test")),
+        GeneratedDataset(split_root(tmp, "real_train")),
         11,
         {"accuracy": 0.99, "psi": 1e9},
         [
             "experiment=smoke",
             f"paths.data={tmp / 'data'}",
-            f"data.datasets.real_train.root={data / 'real_test'}",
+            f"data.datasets.real_train.root={split_root(tmp, 'real_test')}",
         ],
         str(tmp / "out"),
         drift_samples=24,
@@ -487,26 +488,68 @@ def test_dann_adapts_the_pretraining_stage(smoke_run, monkeypatch):
     assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
 
 
-def test_unknown_adaptation_method_is_refused(smoke_run):
+def test_bad_adaptation_components_are_refused_before_work(smoke_run):
     tmp, _ = smoke_run
-    with pytest.raises(ConfigError, match="adaptation.method: expected one of"):
+    out = tmp / "bad5"
+    with pytest.raises(
+        ConfigError,
+        match=r"adaptation.dann._target_: 'tests.plugins.toy_objective"
+        r".NotAPlugin' is not an adaptation plug-in",
+    ):
+        run_train(
+            smoke_config(
+                tmp,
+                "+adaptation.dann={_target_: tests.plugins.toy_objective.NotAPlugin, "
+                "stages: [source_only]}",
+                f"paths.output={out}",
+            )
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"adaptation.dann._target_: cannot build "
+        r"'adaptation.nowhere.DANN'",
+    ):
         run_train(
             smoke_config(
                 tmp,
                 "adaptation=dann",
-                "adaptation.method=pix2pix",
-                "paths.output=" + str(tmp / "bad5"),
+                "adaptation.dann._target_=adaptation.nowhere.DANN",
+                f"paths.output={out}",
             )
         )
     with pytest.raises(ConfigError, match="adaptation.dann.stages: 'oracle' is not a stage"):
         run_train(
             smoke_config(
-                tmp,
-                "adaptation=dann",
-                "adaptation.dann.stages=[oracle]",
-                "paths.output=" + str(tmp / "bad6"),
+                tmp, "adaptation=dann", "adaptation.dann.stages=[oracle]", f"paths.output={out}"
             )
         )
+    with pytest.raises(ConfigError, match=r"adaptation.dann.weight: expected a number >= 0"):
+        run_train(
+            smoke_config(tmp, "adaptation=dann", "adaptation.dann.weight=-1", f"paths.output={out}")
+        )
+    assert not (out / "runs").exists()
+
+
+def test_a_toy_objective_added_by_config_alone_trains(smoke_run):
+    """A method is one module plus one config node: no edit to the loop or the task."""
+    tmp, plain = smoke_run
+    out = tmp / "toy"
+    node = (
+        "+adaptation.toy={_target_: tests.plugins.toy_objective.Entropy, "
+        "stages: [source_only], weight: 0.1}"
+    )
+    cfg = smoke_config(
+        tmp, node, f"paths.output={out}", "stages.source_only.max_epochs=1", "log_model=false"
+    )
+    results = run_train(cfg)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    src = client.get_run(results["source_only"].run_id).data.metrics
+    fin = client.get_run(results["finetune"].run_id).data.metrics
+    assert 0.0 < src["train/toy/entropy"] < 3.0  # ln(11) = 2.4 at most
+    assert src["train/toy/step"] > 0  # the step reaches the objective
+    assert "train/toy/entropy" not in fin
+    # the objective is part of what the stage is: never the plain stage's folder
+    assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
 
 
 def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
@@ -545,7 +588,7 @@ def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
     [root] = (tmp / "data" / "translated").iterdir()
     card = json.loads((root / "card.json").read_text())
     assert card["translation"]["generator_run"] == gan_run.info.run_id
-    sim_card = json.loads((tmp / "data" / "smoke" / "sim_train" / "card.json").read_text())
+    sim_card = json.loads((split_root(tmp, "sim_train") / "card.json").read_text())
     assert card["class_pixel_histogram"] == sim_card["class_pixel_histogram"]
     # the adapted stages read it; the plain segmenter is adaptation=none's own stage
     inputs = client.get_run(results["source_only"].run_id).inputs.dataset_inputs
@@ -553,6 +596,18 @@ def test_cyclegan_translates_sim_and_trains_on_it(smoke_run, monkeypatch):
     assert "translated" in sources["sim_train"]
     assert results["source_only (no adaptation)"].run_dir.name == plain["source_only"].run_dir.name
     assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
+    # the plan (what scripts/compare.py reads from a sweep's saved configs) names the
+    # CycleGAN-adapted stages as the run did
+    from training.stages import check_config
+
+    planned = check_config(
+        smoke_config(
+            tmp, "adaptation=cyclegan", f"paths.output={out}", "log_model=false",
+            "adaptation.cyclegan.image_every=12",
+        )
+    ).digests  # fmt: skip
+    for name in ("source_only", "finetune"):
+        assert results[name].run_dir.name == f"{name}-{planned[name]}"
     # a rerun trains nothing
     again = run_train(
         smoke_config(

@@ -10,6 +10,13 @@ import torch
 from torch import nn
 
 from adaptation.cyclegan import CycleGAN
+from adaptation.cyclegan.stage import (
+    UnpairedImages,
+    load_generator,
+    resolve_generator,
+    save_generator,
+    translation_grid,
+)
 from adaptation.cyclegan.translate import (
     CorruptionStats,
     GuardLimits,
@@ -18,16 +25,9 @@ from adaptation.cyclegan.translate import (
     measure_corruption,
     translate_dataset,
 )
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 from simulation.dataset import DatasetWriter, GeneratedDataset, shard_ranges
 from simulation.frames import FrameBatch
-from training.cyclegan_stage import (
-    UnpairedImages,
-    load_generator,
-    resolve_generator,
-    save_generator,
-    translation_grid,
-)
 
 CLASSES = ["dark", "red", "green"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def fetch_runs(
 
 def sweep_job_hashes(sweep_dir: str | Path) -> dict[str, dict[str, str]]:
     """``{job: {stage: config_hash}}`` of a Hydra multirun folder, from each job's saved
-    ``.hydra/config.yaml`` and ``training.run.stage_hash``.
+    ``.hydra/config.yaml`` and the run's own plan (:func:`training.stages.check_config`),
+    so stages adapted by a pixel-level component (CycleGAN) are found too.
 
     A stage whose hash matched an earlier finished run was not trained again: the job reused
     that run, which carries the earlier run's ``sweep_id`` tag (often none), so the tag alone
@@ -234,16 +235,14 @@ def sweep_job_hashes(sweep_dir: str | Path) -> dict[str, dict[str, str]]:
     """
     from omegaconf import OmegaConf
 
-    from training.run import stage_hash
+    from training.stages import check_config
 
     jobs: dict[str, dict[str, str]] = {}
     for config_file in sorted(Path(sweep_dir).glob("*/.hydra/config.yaml")):
         cfg = OmegaConf.load(config_file)
-        hashes: dict[str, str] = {}
-        for name in list(cfg.get("stages") or {}):
-            init = cfg.stages[name].get("init")
-            parent = hashes.get(init) if init in hashes else (init or None)
-            hashes[name] = stage_hash(cfg, name, parent)
+        if not cfg.get("stages"):
+            continue
+        hashes = dict(check_config(cfg).digests)
         jobs[config_file.parent.parent.name] = hashes
     return jobs
 

@@ -11,8 +11,7 @@ sweep, with every problem in one message, when
   existing keys (``+key=`` / ``++key=`` additions are left alone);
 * a swept config group option does not exist (``adaptation: choice(none, dnn)`` in the
   search space; on the command line Hydra refuses it itself), or a swept group is not in
-  the defaults list (``randomization=a,b``: the message points at the key meant, here
-  ``data.generate.randomization``);
+  the defaults list (``backend=a,b`` for train.py; the message names the closest keys);
 * the launcher or sweeper class (``hydra.launcher._target_``, ``hydra.sweeper._target_``,
   the Optuna sampler), or what the plugin imports only later (``submitit``, ``optuna``),
   cannot be imported: the message names the pip package to install;
@@ -23,8 +22,8 @@ sweep, with every problem in one message, when
 * one of ``extra_checks`` raises: callables taking the composed config (with its ``hydra``
   node), e.g. a tracking-server reachability check; list them in ``configs/train.yaml``
   (``hydra.callbacks.sweep_checks.extra_checks``, as dotted names or ``_partial_`` nodes)
-  or pass them to ``SweepChecks``. :func:`check_dataset_roots`, listed there, refuses
-  jobs that would generate different datasets into one folder, or use an unknown preset.
+  or pass them to ``SweepChecks``. :func:`check_randomization`, listed there, refuses a
+  preset name given to ``data.generate.randomization`` (the preset is ``randomization=``).
 
 What Hydra 1.3 does by itself (hydra-core 1.3.8): an unknown key swept on the command line
 fails in the basic sweeper's ``validate_batch_is_legal`` -- before the first job, but after
@@ -44,7 +43,6 @@ import difflib
 import importlib
 import importlib.util
 import itertools
-import json
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -53,7 +51,7 @@ from hydra.core.override_parser.types import ValueType
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 
 #: Module prefix of a launcher / sweeper / sampler class -> the pip package providing it.
 PACKAGES = {
@@ -281,62 +279,24 @@ def check_objective(config: DictConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- extra checks
-def check_dataset_roots(config: DictConfig) -> None:
-    """An extra check (``extra_checks``) on the procedural datasets the jobs generate:
-    jobs that would write different datasets into one folder (``data.generate.randomization=
-    light,full`` with one ``data.generate.root``) fail in the second job, after the first
-    trained (the folder's ``generation.json`` differs), and so does an unknown preset.
-    Composes the job config of each value of the discrete sweeps on config groups,
-    ``data.*`` and ``taxonomy.*``; raises naming the folder or the preset."""
-    loader = _global_config_loader()
-    if loader is None:
-        return
-    swept = [ov for _, ov in sweep_overrides(config) if _may_change_data(ov, loader)]
-    if not swept:
-        return
-    presets = loader.get_group_options("randomization")
-    values = [[f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()] for ov in swept]
-    specs: dict[str, dict[str, str]] = {}  # root -> generation settings -> the first job
-    for combo in itertools.islice(itertools.product(*values), MAX_GROUP_COMBINATIONS):
-        job = loader.load_sweep_config(config, _fixed_overrides(config) + list(combo))
-        gen = OmegaConf.select(job, "data.generate", default=None)
-        if not isinstance(gen, DictConfig):
-            continue
-        spec = OmegaConf.to_container(gen, resolve=True)
-        if spec.get("randomization") not in presets:
-            raise SweepConfigError(
-                f"the jobs with {' '.join(combo)}: data.generate.randomization="
-                f"{spec.get('randomization')} is not a preset of configs/randomization/ "
-                f"({', '.join(presets)})"
-            )
-        root = str(spec.pop("root"))
-        spec["image"] = OmegaConf.to_container(job.data.image, resolve=True)
-        spec["taxonomy"] = OmegaConf.to_container(job.taxonomy, resolve=True)
-        specs.setdefault(root, {}).setdefault(json.dumps(spec, sort_keys=True), " ".join(combo))
-    clashes = {root: list(jobs.values()) for root, jobs in specs.items() if len(jobs) > 1}
-    if not clashes:
-        return
-    root, jobs = next(iter(clashes.items()))
-    message = (
-        f"the jobs with {jobs[0]} and with {jobs[1]} would generate different datasets into "
-        f"the same folder {root}: the later one is refused once the first has written it"
-    )
-    node = _node(config, "data.generate.root")
-    if node is not None and any(ov.key_or_group == "data.generate.randomization" for ov in swept):
-        message += (
-            f"; give each preset its own folder: "
-            f"'data.generate.root={node._value()}-${{data.generate.randomization}}'"
+def check_randomization(config: DictConfig) -> None:
+    """An extra check (``extra_checks``): ``data.generate.randomization`` is an alias of the
+    composed ``randomization`` node, so a preset name given to it (``-m
+    data.generate.randomization=light,full``, the syntax before the preset was composed)
+    would fail in every job; raises naming the override to write (``randomization=...``).
+    Jobs never share a generated folder -- each split's is named by a hash of its
+    generation config (``${generated:<split>}``) -- and an unknown preset is an unknown
+    option of the ``randomization`` group, so nothing else about the data is checked here."""
+    key = "data.generate.randomization"
+    lines = [ov.input_line for _, ov in sweep_overrides(config) if ov.key_or_group == key]
+    node = _node(config, key)
+    if node is not None and not node._is_interpolation() and isinstance(node._value(), str):
+        lines.append(f"{key}={node._value()}")
+    if lines:
+        raise SweepConfigError(
+            f"{lines[0]}: {key} is the composed preset of configs/randomization/ (an alias "
+            f"of the randomization node): write {lines[0].removeprefix('data.generate.')}"
         )
-    else:
-        message += "; give those jobs different data.generate.root folders"
-    raise SweepConfigError(message)
-
-
-def _may_change_data(ov: Any, loader: Any) -> bool:
-    key = ov.key_or_group
-    return ov.is_discrete_sweep() and (
-        key.startswith(("data.", "taxonomy.")) or _group_exists(loader, key)
-    )
 
 
 def _fixed_overrides(config: DictConfig) -> list[str]:
@@ -493,7 +453,7 @@ def _similar_keys(config: DictConfig, key: str, choices: Mapping[str, str]) -> l
         ((difflib.SequenceMatcher(None, key, p).ratio(), p) for p in paths), reverse=True
     )
     close = [p for r, p in scored[:3] if r >= 0.75 and r >= scored[0][0] - 0.03]
-    if not close:  # the same last part elsewhere (randomization -> data.generate.randomization)
+    if not close:  # the same last part elsewhere (sim_ratio -> stages.finetune.sim_ratio)
         close = [p for p in paths if p.rpartition(".")[2] == leaf][:3]
     return list(dict.fromkeys(close))
 

@@ -10,7 +10,7 @@ confusion matrix and a prediction grid per domain as images.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from adaptation.plugin import StepOutputs
 from training.figures import confusion_matrix_image, prediction_grid
 from training.metrics import GroupedSegmentationMetrics, sim_to_real_gap
 from training.schedules import warmup_cosine
@@ -45,15 +46,10 @@ class SegmentationTask(pl.LightningModule):
         image_rows: rows of the prediction grids logged per domain.
         channels_last: run convolutions in NHWC memory layout (about 1.5x faster training
             on CPU here, and what tensor cores want on GPU).
-        discriminator: a domain discriminator on the model's pooled encoder features
-            (:mod:`adaptation.discriminator`): turns on DANN. The sim samples of each batch
-            and a batch of unlabelled real images from ``unlabeled`` go through a gradient
-            reversal whose coefficient follows ``grl_lambda`` of the training progress,
-            computed from the global step (validation never advances it).
-        unlabeled: ``() -> iterable`` of unlabelled real batches (the DataModule's
-            ``unlabeled_dataloader``); required with ``discriminator``.
-        dann_weight: weight of the adversarial term in the loss.
-        grl_gamma: steepness of the GRL schedule (10 in Ganin and Lempitsky).
+        objectives: loss terms of task-level adaptation (:class:`~adaptation.plugin.
+            Objective`, e.g. DANN's domain loss) by name: each is called as ``loss, logs =
+            objective(batch, outputs)`` on every training batch and its ``logs`` are
+            logged as ``train/<key>``; their parameters join the optimizer.
     """
 
     def __init__(
@@ -69,10 +65,7 @@ class SegmentationTask(pl.LightningModule):
         test_names: Sequence[str] = ("sim", "real"),
         image_rows: int = 6,
         channels_last: bool = True,
-        discriminator: nn.Module | None = None,
-        unlabeled: Callable[[], Any] | None = None,
-        dann_weight: float = 1.0,
-        grl_gamma: float = 10.0,
+        objectives: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -94,12 +87,7 @@ class SegmentationTask(pl.LightningModule):
         self.results: dict[str, float] = {}
         #: ``{domain: {group: (C, C) confusion}}`` of the last test run (fairness, T-08).
         self.test_group_confusions: dict[str, dict[str, np.ndarray]] = {}
-        if discriminator is not None and unlabeled is None:
-            raise ValueError("adaptation: DANN needs unlabelled real images (data.real_train)")
-        self.discriminator = discriminator
-        self._unlabeled_factory = unlabeled
-        self._unlabeled_iter: Any = None
-        self.dann_weight, self.grl_gamma = float(dann_weight), float(grl_gamma)
+        self.objectives = nn.ModuleDict(dict(objectives or {}))
         # pooled encoder features of the first validation images of each domain, for the
         # proxy A-distance (a gap measure independent of the labels)
         self._pad_features: dict[str, list[torch.Tensor]] = {}
@@ -114,13 +102,24 @@ class SegmentationTask(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bs = batch["image"].shape[0]
-        if self.discriminator is None:
+        if not self.objectives:
             logits = self(batch["image"])
             loss = self.loss(logits, batch["mask"])
         else:
             logits, features = self.model.forward_features(self._layout(batch["image"]))
             loss = self.loss(logits, batch["mask"])
-            loss = loss + self.dann_weight * self._dann_term(batch, features)
+            outputs = StepOutputs(
+                logits=logits,
+                features=features,
+                forward_features=lambda x: self.model.forward_features(self._layout(x)),
+                step=int(self.global_step),
+                total_steps=int(self.trainer.estimated_stepping_batches) if self._trainer else 1,
+            )
+            for objective in self.objectives.values():
+                term, logs = objective(batch, outputs)
+                loss = loss + term
+                for key, value in logs.items():
+                    self.log(f"train/{key}", value, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         with torch.no_grad():  # per-domain loss, for watching the two halves of the mix
             for name, dom in (("sim", 0), ("real", 1)):
@@ -128,27 +127,6 @@ class SegmentationTask(pl.LightningModule):
                 if bool(sel.any()):
                     part = self.loss(logits[sel], batch["mask"][sel])
                     self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
-        return loss
-
-    def _dann_term(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
-        """Adversarial domain loss: labelled sim features against unlabelled real ones."""
-        from adaptation.dann import dann_loss
-        from adaptation.grl import grl_lambda, progress
-
-        if self._unlabeled_iter is None:
-            self._unlabeled_iter = iter(self._unlabeled_factory())
-        real = next(self._unlabeled_iter)["image"].to(self.device)
-        _, real_features = self.model.forward_features(self._layout(real))
-        sim_features = features[batch["domain"] == 0]
-        if sim_features.shape[0] == 0:  # a real-only batch: nothing to align
-            return features.sum() * 0.0
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
-        lam = grl_lambda(progress(self.global_step, total), self.grl_gamma)
-        loss, accuracy = dann_loss(sim_features, real_features, self.discriminator, lam)
-        n = sim_features.shape[0]
-        self.log("train/dann/loss", loss, batch_size=n)
-        self.log("train/dann/domain_acc", accuracy, batch_size=n)
-        self.log("train/dann/lambda", lam, batch_size=n)
         return loss
 
     def configure_optimizers(self):

@@ -5,7 +5,7 @@ MAX_RETRIES`` = 7 with exponential backoff, ``MLFLOW_HTTP_REQUEST_TIMEOUT`` = 12
 tracking server that is down, a wrong port or a missing password would otherwise show up deep
 inside the first stage -- after the datasets were generated -- as a long stall and a stack trace.
 :func:`check_reachable` asks once, with a short timeout and no retry, and raises a
-:class:`~simulation.configuration.ConfigError` naming the setting to fix.
+:class:`~core.config.ConfigError` naming the setting to fix.
 
 * ``http://`` / ``https://``: one ``GET api/2.0/mlflow/experiments/search?max_results=1``,
   authenticated the way MLflow authenticates (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``,
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from simulation.configuration import ConfigError
+from core.config import ConfigError
 
 #: The REST call of the check: cheap, read-only, and served only by a tracking server.
 PROBE = "/api/2.0/mlflow/experiments/search"

@@ -31,14 +31,14 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from training.models.deeplab import DeepLabV3Lite
-from training.models.unet import UNet
-from training.models.weights import (
+from core.weights import (
     CheckpointError,
     CheckpointMismatchError,
     load_checkpoint_weights,
     save_state_dict,
 )
+from training.models.deeplab import DeepLabV3Lite
+from training.models.unet import UNet
 
 __all__ = [
     "CheckpointError",

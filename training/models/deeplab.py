@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.models.weights import (
+from core.weights import (
     CheckpointMismatchError,
     describe_mismatches,
     read_checkpoint,

@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.paths import config_dir
+
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "risk"
+CONFIG_DIR = config_dir() / "risk"
 
 
 @dataclass

@@ -60,7 +60,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 #: Registered-model tag holding the champion history (JSON list, oldest first).
 HISTORY_TAG = "champion_history"
-#: The run tags written by ``training.run`` that are copied onto a new version.
+#: The run tags written by ``training.stages`` that are copied onto a new version.
 RUN_TAGS = ("stage", "experiment", "config_hash", "git_commit", "sweep_id")
 #: Summary metrics of the source run copied onto a new version (``metric.val/real/miou``).
 RUN_METRICS = ("miou", "pixel_acc", "macro_f1")

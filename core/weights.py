@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from simulation.dataset import atomic_write_bytes
+from core.files import atomic_write_bytes
 
 __all__ = [
     "CheckpointError",

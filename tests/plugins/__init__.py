@@ -1,0 +1,1 @@
+"""Test-only adaptation plug-ins, added by config alone."""

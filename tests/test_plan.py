@@ -1,0 +1,113 @@
+"""The plan: stage and derived-data names from the config alone (no training)."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from core.config import ConfigError
+from tests.conftest import compose_config
+from training.compare import sweep_job_hashes
+from training.stages import check_config
+
+
+def plan(tmp_path, *overrides):
+    cfg = compose_config(
+        "train",
+        ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
+         f"paths.output={tmp_path / 'out'}", *overrides],
+    )  # fmt: skip
+    return check_config(cfg)
+
+
+def cyclegan_keys(p):
+    [component] = p.pixel
+    gen = component.plugin._generator_identity(p.run)
+    return gen, component.plugin.key(p.run), dict(p.digests)
+
+
+def test_a_tighter_guard_reruns_the_translation_but_not_the_cyclegan(tmp_path):
+    gen, key, digests = cyclegan_keys(plan(tmp_path, "adaptation=cyclegan"))
+    gen2, key2, digests2 = cyclegan_keys(
+        plan(tmp_path, "adaptation=cyclegan", "adaptation.cyclegan.guard.max_corruption=0.3")
+    )
+    assert gen2 == gen  # the same generator: the CycleGAN is reused
+    assert key2 != key  # a new translated set: the guard runs again
+    # the adapted stages read another dataset, so they are other stages
+    assert digests2["source_only"] != digests["source_only"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "adaptation.cyclegan.image_every=3",
+        "adaptation.cyclegan.translate_batch_size=2",
+        "data.loader.num_workers=2",
+        "progress=true",
+        "retries=3",
+    ],
+)
+def test_logging_and_speed_settings_rerun_nothing(tmp_path, override):
+    before = cyclegan_keys(plan(tmp_path, "adaptation=cyclegan"))
+    after = cyclegan_keys(plan(tmp_path, "adaptation=cyclegan", override))
+    assert after == before
+
+
+def test_a_cyclegan_setting_retrains_the_generator_and_what_follows(tmp_path):
+    gen, key, digests = cyclegan_keys(plan(tmp_path, "adaptation=cyclegan"))
+    gen2, key2, digests2 = cyclegan_keys(
+        plan(tmp_path, "adaptation=cyclegan", "adaptation.cyclegan.max_batches=7")
+    )
+    assert gen2 != gen and key2 != key
+    assert all(digests2[s] != digests[s] for s in ("source_only", "finetune"))
+
+
+def test_the_plain_segmenter_is_adaptation_none_s_stage(tmp_path):
+    none = plan(tmp_path)
+    cyclegan = plan(tmp_path, "adaptation=cyclegan")
+    assert cyclegan.run.stage_key("source_only") == none.digests["source_only"]
+    dann = plan(tmp_path, "adaptation=dann")
+    assert dann.digests["source_only"] != none.digests["source_only"]
+    assert [c.name for c in dann.objectives_for("source_only")] == ["dann"]
+    assert dann.objectives_for("finetune") == []
+
+
+def test_a_sim_only_stage_ignores_the_real_training_split(tmp_path):
+    a = plan(tmp_path, "experiment=source_only")
+    b = plan(tmp_path, "experiment=source_only", f"data.datasets.real_train.root={tmp_path}")
+    assert a.digests["source_only"] == b.digests["source_only"]
+
+
+def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
+    cfg = compose_config(
+        "train",
+        ["experiment=smoke", "adaptation=cyclegan", f"paths.data={tmp_path / 'data'}",
+         f"paths.output={tmp_path / 'out'}"],
+    )  # fmt: skip
+    job = tmp_path / "sweep" / "0" / ".hydra"
+    job.mkdir(parents=True)
+    OmegaConf.save(cfg, job / "config.yaml")  # as Hydra saves it: unresolved
+    expected = dict(check_config(cfg).digests)
+    assert sweep_job_hashes(tmp_path / "sweep") == {"0": expected}
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        (
+            "stages.finetune.sim_ratio=1.5",
+            r"stages.finetune.sim_ratio: expected a number in \[0, 1\]",
+        ),
+        ("stages.source_only.real_fraction=-0.1", r"stages.source_only.real_fraction: expected"),
+        (
+            "stages.finetune.max_epochs=0",
+            r"stages.finetune.max_epochs: expected a whole number >= 1",
+        ),
+        ("retries=-1", r"retries: expected a whole number >= 0"),
+        ("+stages.finetune.lr=0.1", r"stages.finetune.lr: unknown key"),
+        ("stages.finetune.init=nowhere.ckpt", r"stages.finetune.init: 'nowhere.ckpt' is neither"),
+    ],
+)
+def test_bad_stage_settings_name_the_key(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(tmp_path, override)

@@ -1,0 +1,182 @@
+"""Data for a run: generated splits made when missing, dataset nodes built and checked,
+class pixel counts from the cards, and T-10 screening of the training sets."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import ConfigError, instantiate_checked
+from core.paths import generated_root
+from simulation.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+def generated_roots(
+    gen: Mapping[str, Any], image: Mapping[str, int], taxonomy_cfg: Any
+) -> dict[str, Path]:
+    """The folder of each split of ``data.generate``: ``<root>/<split>-<key>``, keyed by a
+    hash of what makes it (:func:`core.paths.generated_root`), the folders that
+    ``${generated:<split>}`` in ``data.datasets`` resolves to."""
+    return {split: generated_root(gen, split, image, taxonomy_cfg) for split in gen["splits"]}
+
+
+def ensure_procedural_datasets(
+    gen: Mapping[str, Any], image: Mapping[str, int], taxonomy_cfg: Any, progress: bool = False
+) -> dict[str, Path]:
+    """Generate the procedural splits of ``data.generate`` (``gen``: ``root``,
+    ``randomization`` -- the randomization node, not a preset name --, ``shard_size``,
+    ``splits``), where not complete yet; returns each split's folder."""
+    from omegaconf import OmegaConf
+
+    from simulation.generation import run_generate
+
+    roots = generated_roots(gen, image, taxonomy_cfg)
+    gen, image, taxonomy = _plain(gen), _plain(image), _plain(taxonomy_cfg)
+    for split, spec in gen["splits"].items():
+        root = roots[split]
+        # the folder is named by its generation config; run_generate still compares the
+        # folder's generation.json with this config, so a finished split costs nothing
+        log.info("dataset %s (%s, %d frames): %s", split, spec["style"], spec["num_frames"], root)
+        cfg = OmegaConf.create(
+            {
+                "name": split,
+                "seed": spec["seed"],
+                "num_frames": spec["num_frames"],
+                "shard_size": gen["shard_size"],
+                "image": {"height": image["height"], "width": image["width"]},
+                "domain": None,
+                "output_dir": str(root),
+                "overwrite": False,
+                "progress": progress,
+                "parallel": {"index": 0, "count": 1, "servers": []},
+                "backend": {
+                    "_target_": "simulation.procedural.ProceduralBackend",
+                    "style": spec["style"],
+                    "batch_size": 64,
+                    "compile": False,
+                },
+                "taxonomy": taxonomy,
+                "randomization": gen["randomization"],
+            }
+        )
+        run_generate(cfg)
+    return roots
+
+
+def wait_for_datasets(
+    gen: Mapping[str, Any],
+    image: Mapping[str, int],
+    taxonomy_cfg: Any,
+    timeout_s: float = 6 * 3600,
+) -> dict[str, Path]:
+    """What ranks other than zero do while rank zero runs :func:`ensure_procedural_datasets`:
+    wait until every split's card exists; returns each split's folder."""
+    roots = generated_roots(gen, image, taxonomy_cfg)
+    deadline = time.monotonic() + timeout_s
+    while not all((root / "card.json").exists() for root in roots.values()):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"data.generate: rank zero did not finish {gen['root']} in time")
+        time.sleep(2.0)
+    return roots
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Instantiate the dataset nodes, giving each the taxonomy (readers) or the expected
+    taxonomy hash (generated datasets), so a mismatched dataset stops the run here."""
+    out: dict[str, Any] = {}
+    for role, node in nodes.items():
+        if node is None:
+            out[role] = None
+            continue
+        factory = instantiate_checked(node, _partial_=True)
+        params = inspect.signature(factory).parameters
+        kwargs: dict[str, Any] = {}
+        if "taxonomy" in params:
+            kwargs["taxonomy"] = taxonomy
+        if "expected_taxonomy_hash" in params:
+            kwargs["expected_taxonomy_hash"] = taxonomy.hash
+        try:
+            out[role] = factory(**kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"data.datasets.{role}: {exc}") from exc
+    return out
+
+
+def class_pixel_counts(
+    datasets: Mapping[str, Any], sim_ratio: float, class_names: list[str]
+) -> np.ndarray:
+    """Training-label pixel counts per class, from the dataset cards (no pass over data):
+    the sim training set when the stage uses sim, else the real one, else uniform."""
+    order = ("sim_train", "real_train") if sim_ratio > 0 else ("real_train", "sim_train")
+    for role in order:
+        card = getattr(datasets.get(role), "card", None)
+        if card and "class_pixel_histogram" in card:
+            hist = card["class_pixel_histogram"]
+            return np.asarray([hist.get(c, 0) for c in class_names], dtype=np.float64)
+    return np.ones(len(class_names))
+
+
+class Screening:
+    """T-10, once per training set, and only for stages that actually train."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._done: dict[int, tuple[Any, dict[str, float]]] = {}
+
+    def apply(self, datasets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        out, figures = dict(datasets), {}
+        if not self.enabled:
+            return out, figures
+        for role in ("sim_train", "real_train"):
+            ds = datasets.get(role)
+            if ds is None:
+                continue
+            if id(ds) not in self._done:
+                self._done[id(ds)] = screen_training_set(role, ds)
+            out[role], found = self._done[id(ds)]
+            figures.update(found)
+        return out, figures
+
+
+def screen_training_set(role: str, dataset: Any) -> tuple[Any, dict[str, float]]:
+    """T-10: screen one training set; a set that loses frames is wrapped so training never
+    sees them. Returns the set and its ``risk/T-10/<role>/<reason>`` counts."""
+    from training.risk.screening import ScreenedDataset
+
+    screened = ScreenedDataset(dataset)
+    figures = {
+        key: float(value)
+        for key, value in screened.result.metrics(prefix=f"risk/T-10/{role}/").items()
+    }
+    dropped = len(dataset) - len(screened)
+    if not dropped:
+        return dataset, figures
+    if not len(screened):
+        root = getattr(dataset, "root", role)
+        raise ConfigError(
+            f"data.datasets.{role}: T-10 screening dropped every frame of {root} "
+            f"({screened.result.counts}); the set cannot be trained on (for translated sim "
+            "frames: the generator needs more training, adaptation.cyclegan.max_batches)"
+        )
+    log.warning(
+        "T-10: %d of %d %s frames dropped by screening: %s",
+        dropped,
+        len(dataset),
+        role,
+        screened.result.counts,
+    )
+    return screened, figures

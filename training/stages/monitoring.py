@@ -1,0 +1,175 @@
+"""After a stage: the risk register's monitors, the job-failure alert, the model registry.
+
+Each function takes plain settings (the resolved ``risk`` and ``registry`` sections as
+dicts) and what the stage produced; nothing here reads the whole config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def publish_risk(
+    client: Any,
+    run_id: str,
+    label: str,
+    run_dir: Path,
+    figures: Mapping[str, float],
+    tags: Mapping[str, str],
+    risk: Mapping[str, Any],
+    context: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Publish register figures to a stage's run, evaluate the alert rules, log each
+    alert that fired; returns them."""
+    from training.risk.monitor import publish
+
+    fired = publish(
+        client,
+        run_id,
+        label,
+        figures,
+        run_dir,
+        tags=tags,
+        register_path=risk.get("register"),
+        alerts_path=risk.get("alerts"),
+        context=context,
+    )
+    for alert in fired:
+        log.warning("ALERT %s (%s): %s", alert["rule"], alert["risk_id"], alert["message"])
+    return fired
+
+
+def job_failed(
+    client: Any, run_id: str, label: str, run_dir: Path, risk: Mapping[str, Any], error: Any
+) -> None:
+    """T-05: the job-failure alert of a failed stage, with the error."""
+    publish_risk(
+        client,
+        run_id,
+        label,
+        run_dir,
+        {"risk/T-05/job_failed": 1.0},
+        {"error": repr(error)[:500]},
+        risk,
+    )
+
+
+def assess_risk(
+    client: Any,
+    run_id: str,
+    label: str,
+    run_dir: Path,
+    *,
+    risk: Mapping[str, Any],
+    output: Path,
+    task: Any,
+    reference: Any,
+    current: Any,
+    metrics: Mapping[str, float],
+    wall_seconds: float,
+    devices: int,
+    gpu: Any,
+    screening: Mapping[str, float] | None,
+    references: Mapping[str, float] | None,
+) -> dict[str, float]:
+    """The register's monitors for a finished stage, published to its MLflow run.
+
+    Args:
+        risk: the resolved ``risk`` settings.
+        output: ``paths.output`` (the cost ledger lives there).
+        task: the fitted :class:`~training.task.SegmentationTask` (model, test confusions).
+        reference, current: the training-side and the real test (else validation) sets
+            compared for drift (T-02).
+        metrics: the stage's test figures.
+        wall_seconds, devices: training time over all sessions and processes (O-01).
+        gpu: the stage's GPU monitor (T-04) or None.
+        screening, references: T-10 figures; T-09's reference mIoUs.
+    """
+    from training.risk.cost import CostTracker
+    from training.risk.monitor import StageEvidence, assess
+
+    extra = dict(screening or {})
+    tags: dict[str, str] = {}
+    if gpu is not None:
+        extra.update(gpu.metrics())
+        tags.update(gpu.tags())
+    cost_cfg = risk["cost"]
+    cost = CostTracker(
+        Path(output) / "cost_ledger.json",
+        float(cost_cfg["price_per_device_hour"]),
+        float(cost_cfg["daily_budget"]),
+        currency=str(cost_cfg["currency"]),
+    )
+    evidence = StageEvidence(
+        stage=label.rsplit("/", 1)[-1],
+        test_metrics=metrics,
+        group_confusions=task.test_group_confusions.get("real", {}),
+        class_names=task.class_names,
+        model=task.model,
+        reference=reference,
+        current=current,
+        wall_seconds=wall_seconds,
+        devices=devices,
+        extra=extra,
+    )
+    settings = {**dict(risk), "references": dict(references or {})}
+    figures = assess(evidence, settings, cost_tracker=cost, run_id=run_id)
+    publish_risk(client, run_id, label, run_dir, figures, tags, risk, context=metrics)
+    return figures
+
+
+def register_and_compare(
+    uri: str,
+    run_id: str,
+    registry: Mapping[str, Any],
+    val_loader: Any,
+    num_classes: int,
+    seed: int,
+) -> dict[str, float]:
+    """Register the stage's model; a challenger is A/B-compared with the champion on the
+    validation images of ``val_loader`` (real when the stage has them) and promoted only
+    if it wins by the margin (T-01)."""
+    from mlflow.tracking import MlflowClient
+
+    from training.risk.registry import CHALLENGER, ModelRegistry, per_image_scores
+
+    models = ModelRegistry(uri, name=str(registry["name"]))
+    client = MlflowClient(uri)
+    if "registry/version" in client.get_run(run_id).data.tags:
+        return {}  # a rerun after a crash past registration: never register twice
+    version = models.register(run_id)
+    client.set_tag(run_id, "registry/version", version)
+    if models.aliases().get(CHALLENGER) != version:
+        client.set_tag(run_id, "registry/decision", "first_champion")
+        return {"registry/promoted": 1.0}
+    comparison = models.compare(
+        lambda model: per_image_scores(
+            model, val_loader, num_classes, metric=str(registry["metric"]), batch_forward=True
+        ),
+        margin=float(registry["margin"]),
+        confidence=float(registry["confidence"]),
+        seed=int(seed),
+    )
+    promoted = models.promote(comparison)
+    client.set_tag(run_id, "registry/decision", "promoted" if promoted else "kept_champion")
+    log.info(
+        "registry %s: challenger v%s %s (diff %.4f, CI [%.4f, %.4f], margin %.3f)",
+        registry["name"],
+        version,
+        "promoted" if promoted else "not promoted",
+        comparison.diff,
+        comparison.ci_low,
+        comparison.ci_high,
+        comparison.margin,
+    )
+    return {
+        "registry/promoted": float(promoted),
+        "registry/diff": comparison.diff,
+        "registry/ci_low": comparison.ci_low,
+        "registry/ci_high": comparison.ci_high,
+    }

@@ -1,0 +1,284 @@
+"""One segmentation stage through the stage store: data module, model, loss and task
+built and checked, then fit, test, the register's monitors, model export and registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptation.plugin import ModelInfo
+from training.stages.data import class_pixel_counts
+from training.stages.specs import StageSpec
+from training.stages.store import StageRecord, StageRun, StageStore
+
+log = logging.getLogger(__name__)
+
+#: The dataset roles a stage's data module reads.
+ROLES = ("sim_train", "sim_val", "real_train", "real_val", "real_test", "real_unlabeled")
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves: its folder, best checkpoint, MLflow run, figures."""
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    alerts: list[str] = field(default_factory=list)  # risk-register alert rules that fired
+
+    @classmethod
+    def from_record(cls, name: str, record: StageRecord) -> StageResult:
+        v = record.values
+        return cls(
+            name,
+            record.run_dir,
+            Path(v["checkpoint"]),
+            record.run_id,
+            dict(v.get("metrics") or {}),
+            skipped=record.skipped,
+            alerts=list(v.get("alerts") or []),
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every segmentation stage of a run is built, as plain values and factories.
+
+    Attributes:
+        seed: seeds the model's initial weights, sampling and augmentation.
+        make_model: ``num_classes -> nn.Module`` (``cfg.model``).
+        make_optimizer: ``params -> Optimizer`` (``cfg.optimizer``).
+        augment: the training augmentation or None.
+        loader: ``data.loader`` settings (batch sizes, batches per epoch, workers).
+        class_weighting, label_smoothing: ``loss.*``.
+        warmup_fraction: LR warm-up share of the steps.
+        image_size: ``(H, W)`` of the data.
+        log_model: export the best model to MLflow.
+        risk: the resolved ``risk`` settings, or None when the register is off.
+        registry: the resolved ``registry`` settings when models are registered, else None.
+        config: the resolved, redacted config logged with every new stage run.
+        output: ``paths.output``.
+    """
+
+    seed: int
+    make_model: Callable[..., Any]
+    make_optimizer: Callable[..., Any]
+    augment: Any
+    loader: Mapping[str, Any]
+    class_weighting: str
+    label_smoothing: float
+    warmup_fraction: float
+    image_size: tuple[int, int]
+    log_model: bool
+    risk: Mapping[str, Any] | None
+    registry: Mapping[str, Any] | None
+    config: Mapping[str, Any]
+    output: Path
+
+
+def build_model(recipe: Recipe, num_classes: int) -> Any:
+    """A task model with its initial weights drawn from the run's seed: the same seed
+    gives the same model, whatever ran in the process before."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return recipe.make_model(num_classes=num_classes)
+
+
+def train_segmenter(
+    store: StageStore,
+    recipe: Recipe,
+    spec: StageSpec,
+    digest: str,
+    taxonomy: Any,
+    datasets: Mapping[str, Any],
+    init: Path | None,
+    objectives: Sequence[Any] = (),
+    screening: Any = None,
+    references: Mapping[str, float] | None = None,
+) -> StageResult:
+    """Fit, test and log one stage, resuming or skipping it by its folder's state.
+
+    Args:
+        objectives: the :class:`~adaptation.plugin.TaskAdaptation` plug-ins of this stage.
+        screening: ``datasets -> (datasets, figures)`` (T-10), applied only when the stage
+            trains; None: no screening.
+        references: T-09's reference mIoUs (plain source_only, oracle).
+    """
+    record = store.finished(spec.name, digest)
+    if record is not None:
+        return StageResult.from_record(spec.name, record)
+    figures: dict[str, float] = {}
+    if screening is not None:
+        datasets, figures = screening(datasets)
+
+    # --- everything checked before the first step
+    from core.weights import load_checkpoint_weights
+    from training.datamodule import SimRealDataModule
+    from training.losses import SegmentationLoss, class_weights_from_histogram
+    from training.task import SegmentationTask
+
+    loader = dict(recipe.loader)
+    if spec.batches_per_epoch:
+        loader["batches_per_epoch"] = spec.batches_per_epoch
+    dm = SimRealDataModule(
+        **{role: datasets.get(role) for role in ROLES},
+        sim_ratio=spec.sim_ratio,
+        real_fraction=spec.real_fraction,
+        seed=recipe.seed,
+        augment=recipe.augment,
+        **loader,
+    )
+    model = build_model(recipe, taxonomy.num_classes)
+    if init is not None:
+        load_checkpoint_weights(model, init, key=f"stages.{spec.name}.init")
+    counts = class_pixel_counts(datasets, spec.sim_ratio, list(taxonomy.classes))
+    weights = class_weights_from_histogram(counts, method=recipe.class_weighting)
+    loss = SegmentationLoss(taxonomy.num_classes, weights, label_smoothing=recipe.label_smoothing)
+    groups = sorted(
+        {
+            g
+            for ds in datasets.values()
+            if ds is not None
+            for g in (getattr(ds, "card", None) or {}).get("groups", {})
+        }
+    )
+    has_unlabeled = any(datasets.get(r) is not None for r in ("real_unlabeled", "real_train"))
+    info = ModelInfo(
+        feature_channels=int(model.feature_channels),
+        num_classes=taxonomy.num_classes,
+        unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
+    )
+    task = SegmentationTask(
+        model,
+        loss,
+        taxonomy.classes,
+        taxonomy.palette(),
+        recipe.make_optimizer,
+        warmup_fraction=recipe.warmup_fraction,
+        groups=groups or None,
+        val_names=dm.val_names,
+        test_names=dm.test_names,
+        objectives={c.name: c.plugin.objective(info) for c in objectives},
+    )
+    callbacks = [cb for c in objectives for cb in c.plugin.callbacks()]
+
+    with store.open(spec.name, digest) as run:
+        if run.fresh:
+            _describe(run, recipe, spec, dm, datasets)
+        return _fit_and_evaluate(
+            store, run, recipe, spec, digest, task, dm, datasets, callbacks, taxonomy,
+            figures, references,
+        )  # fmt: skip
+
+
+def _describe(
+    run: StageRun, recipe: Recipe, spec: StageSpec, dm: Any, datasets: Mapping[str, Any]
+) -> None:
+    """Parameters, the config file and dataset inputs of a new stage run."""
+    from omegaconf import OmegaConf
+
+    from training import tracking
+
+    if not run.store.is_zero:
+        return
+    run.log_params({**recipe.config, "stage": {"name": spec.name, **dm.describe()}})
+    config_file = run.run_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(recipe.config))))
+    run.log_artifact(config_file)
+    roles = {r: ds for r, ds in datasets.items() if ds is not None}
+    tracking.log_dataset_inputs(run.client, run.run_id, roles)
+
+
+def _fit_and_evaluate(
+    store: StageStore,
+    run: StageRun,
+    recipe: Recipe,
+    spec: StageSpec,
+    digest: str,
+    task: Any,
+    dm: Any,
+    datasets: Mapping[str, Any],
+    callbacks: list[Any],
+    taxonomy: Any,
+    screening: Mapping[str, float],
+    references: Mapping[str, float] | None,
+) -> StageResult:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from training import tracking
+    from training.risk.gpu import GpuMonitor
+    from training.stages.monitoring import assess_risk, register_and_compare
+
+    monitor = "val/real/miou" if "real" in dm.val_names else "val/sim/miou"
+    checkpoint = ModelCheckpoint(
+        dirpath=run.checkpoint_dir, filename="best", monitor=monitor, mode="max", save_last=True
+    )
+    gpu = GpuMonitor().start() if recipe.risk is not None else None
+    try:
+        trainer = run.fit(
+            task, datamodule=dm, callbacks=[checkpoint, *callbacks], max_epochs=spec.max_epochs
+        )
+    finally:
+        if gpu is not None:
+            gpu.stop()
+    best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
+    trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+    metrics = {k: float(v) for k, v in task.results.items()}
+    if not trainer.is_global_zero:
+        run.logger.finalize("success")
+        return StageResult(spec.name, run.run_dir, best, run.run_id, metrics)
+    label = f"{store.experiment_name}/{spec.name}"
+    if recipe.risk is not None:
+        reference = dm.sim_train if spec.sim_ratio > 0 and dm.sim_train is not None else None
+        metrics.update(
+            assess_risk(
+                run.client,
+                run.run_id,
+                label,
+                run.run_dir,
+                risk=recipe.risk,
+                output=recipe.output,
+                task=task,
+                reference=reference if reference is not None else dm.real_subset,
+                current=datasets.get("real_test") or datasets.get("real_val"),
+                metrics=metrics,
+                wall_seconds=run.wall_seconds,
+                devices=trainer.world_size,
+                gpu=gpu,
+                screening=screening,
+                references=references,
+            )
+        )
+    run.log_artifact(best, artifact_path="checkpoints")
+    h, w = recipe.image_size
+    if recipe.log_model:
+        tracking.log_model(run.run_id, task.model, h, w, uri=store.tracking.uri)
+    if recipe.registry is not None and spec.name in recipe.registry["stages"]:
+        loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
+        metrics.update(
+            register_and_compare(
+                store.tracking.uri,
+                run.run_id,
+                recipe.registry,
+                loaders.get("real") or loaders.get("sim"),
+                taxonomy.num_classes,
+                recipe.seed,
+            )
+        )
+    published = recipe.output / "models" / f"{store.experiment_name}-{spec.name}-{digest}.ckpt"
+    published.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, published)
+    fired = run.client.get_run(run.run_id).data.tags.get("risk/alerts_fired", "none")
+    alerts = [] if fired == "none" else fired.split(",")
+    record = run.finish({"checkpoint": str(best), "metrics": metrics, "alerts": alerts})
+    return StageResult.from_record(spec.name, record)

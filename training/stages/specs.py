@@ -1,0 +1,111 @@
+"""The run's config resolved once, at the top, into small frozen specs of plain values.
+
+:func:`stage_specs` checks every stage's keys before any work and names the key a user
+would type (``stages.finetune.sim_ratio``); :func:`tracking_spec` settles where runs go.
+Below these, functions take the specs' plain values, never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError, check_number
+
+#: The keys a stage config may hold (configs/stage/*.yaml).
+STAGE_KEYS = ("sim_ratio", "real_fraction", "init", "max_epochs", "batches_per_epoch")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of an experiment.
+
+    Attributes:
+        name: the stage's name (``source_only``, ``finetune``, ...).
+        sim_ratio: share of sim samples in each training batch, in [0, 1].
+        real_fraction: share of the real training split whose labels are used, in [0, 1].
+        init: an earlier stage whose best weights start this one, or a checkpoint file,
+            or None (from scratch).
+        max_epochs: training epochs (>= 1).
+        batches_per_epoch: training batches per epoch; None: ``data.loader``'s.
+    """
+
+    name: str
+    sim_ratio: float
+    real_fraction: float
+    init: str | None
+    max_epochs: int
+    batches_per_epoch: int | None
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """Where runs are logged: the tracking URI (an explicit ``tracking.uri`` beats
+    ``MLFLOW_TRACKING_URI``, else SQLite in the output folder), the experiment, the sweep
+    id and trigger tagged on every run, and where a new experiment keeps artifacts."""
+
+    uri: str
+    experiment: str
+    sweep_id: str
+    trigger: str
+    artifact_location: str | None
+
+
+def stage_specs(stages: Any, retries: Any) -> list[StageSpec]:
+    """The experiment's stages in order (``cfg.stages``), each checked: known keys,
+    ratios in [0, 1], whole epochs, an ``init`` that is an earlier stage or a file."""
+    if not stages:
+        raise ConfigError("stages: no stage to run; pick an experiment (experiment=finetune)")
+    check_number("retries", retries, low=0, integer=True)
+    names = list(stages)
+    specs = []
+    for i, name in enumerate(names):
+        node = stages[name]
+        unknown = sorted(set(node) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"stages.{name}.{unknown[0]}: unknown key, expected one of {sorted(STAGE_KEYS)}"
+            )
+        key = f"stages.{name}"
+        epochs = check_number(f"{key}.max_epochs", node.get("max_epochs"), low=1, integer=True)
+        ratio = check_number(f"{key}.sim_ratio", node.get("sim_ratio"), low=0, high=1)
+        fraction = check_number(f"{key}.real_fraction", node.get("real_fraction"), low=0, high=1)
+        batches = check_number(
+            f"{key}.batches_per_epoch",
+            node.get("batches_per_epoch"),
+            low=1,
+            integer=True,
+            optional=True,
+        )
+        init = node.get("init") or None
+        if init and init in stages and names.index(init) >= i:
+            raise ConfigError(f"{key}.init: stage '{init}' must come before '{name}'")
+        if init and init not in stages and not Path(init).is_file():
+            raise ConfigError(
+                f"{key}.init: '{init}' is neither an earlier stage ({names[:i]}) nor a "
+                "checkpoint file"
+            )
+        specs.append(StageSpec(name, float(ratio), float(fraction), init, epochs, batches))
+    return specs
+
+
+def tracking_spec(tracking: Any, output: Path, create: bool = True) -> TrackingSpec:
+    """``cfg.tracking`` resolved against ``paths.output``."""
+    from training import tracking as mlflow_tracking
+
+    uri = mlflow_tracking.tracking_uri(output, tracking.get("uri"), create=create)
+    return TrackingSpec(
+        uri=uri,
+        experiment=str(tracking.experiment),
+        sweep_id=str(tracking.get("sweep_id") or ""),
+        trigger=str(tracking.get("trigger") or ""),
+        artifact_location=mlflow_tracking.artifact_location(output, uri),
+    )
+
+
+def world_size(trainer: Any) -> int:
+    """Processes that train together (``trainer.devices`` x ``trainer.num_nodes``)."""
+    devices = trainer.get("devices", 1) or 1
+    nodes = trainer.get("num_nodes", 1) or 1
+    return (int(devices) if isinstance(devices, int) else 1) * int(nodes)
