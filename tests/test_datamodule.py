@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
+from core.config import ConfigError
 from training.augment import Augment, AugmentedDataset
 from training.datamodule import SimRealDataModule
 from training.sampler import real_subset_indices
@@ -364,8 +365,10 @@ def test_unlabeled_loader_is_endless_and_maskless() -> None:
     batch = next(iter(fallback))
     assert "mask" not in batch and batch["image"].shape[0] == 20
     assert all(i.startswith("real/") for i in batch["id"])
-    with pytest.raises(ValueError, match=r"data\.real_unlabeled"):
+    with pytest.raises(ConfigError, match=r"^data\.datasets\.real_unlabeled: no unlabelled"):
         _dm(real_train=None, sim_ratio=1.0).unlabeled_dataloader()
+    with pytest.raises(ValueError, match=r"unlabeled_dataloader\(batch_size=\.\.\.\)"):
+        _dm().unlabeled_dataloader(batch_size=0)
 
 
 def test_describe_counts() -> None:
@@ -382,28 +385,93 @@ def test_describe_counts() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"sim_ratio": 1.2}, r"data\.sim_ratio"),
-        ({"real_fraction": -0.1}, r"data\.real_fraction"),
-        ({"batch_size": 0}, r"data\.batch_size"),
-        ({"batches_per_epoch": 0}, r"data\.batches_per_epoch"),
-        ({"val_batch_size": 0}, r"data\.val_batch_size"),
-        ({"num_workers": -1}, r"data\.num_workers"),
-        ({"batch_size": 4}, r"data\.batch_size=4 with data\.sim_ratio=0\.9"),
-        ({"sim_train": None}, r"data\.sim_train is not set.*no sim images"),
-        ({"sim_train": TinySamples(0, 0)}, r"data\.sim_train is empty"),
-        ({"real_fraction": 0.0}, r"data\.real_fraction=0\.0 leaves no real images \(0 of 50"),
-        ({"real_train": None}, r"data\.real_fraction=0\.2 leaves no real .*real_train is not set"),
-        ({"real_train": TinySamples(5, 1, labelled=False)}, r"data\.real_train.*no 'mask'"),
-        ({"real_train": TinySamples(5, 0)}, r"data\.real_train.*domain 0, expected 1"),
-        ({"sim_val": TinySamples(5, 1)}, r"data\.sim_val.*domain 1, expected 0"),
-        ({"real_train": TinySamples(50, 1, size=(4, 8))}, r"data\.sim_train.*data\.real_train"),
-        ({"sim_val": [1, 2, 3]}, r"data\.sim_val: expected a torch Dataset"),
-        ({"augment": "flip"}, r"data\.augment"),
+        ({"sim_ratio": 1.2}, r"^sim_ratio: expected a number in \[0, 1\]"),
+        ({"real_fraction": -0.1}, r"^real_fraction: expected a number in \[0, 1\]"),
+        ({"batch_size": 0}, r"^data\.loader\.batch_size: expected a whole number >= 1"),
+        ({"batches_per_epoch": 0}, r"^data\.loader\.batches_per_epoch: expected a whole"),
+        ({"val_batch_size": 0}, r"^data\.loader\.val_batch_size: expected a whole"),
+        ({"num_workers": -1}, r"^data\.loader\.num_workers: expected a whole number >= 0"),
+        ({"seed": -1}, r"^seed: expected a whole number >= 0"),
+        ({"batch_size": 4}, r"^data\.loader\.batch_size=4 with sim_ratio=0\.9"),
+        ({"sim_train": None}, r"^data\.datasets\.sim_train is not set.*no sim images"),
+        ({"sim_train": TinySamples(0, 0)}, r"^data\.datasets\.sim_train is empty"),
+        ({"real_fraction": 0.0}, r"^real_fraction=0\.0 leaves no real images \(0 of 50"),
+        (
+            {"real_train": None},
+            r"^real_fraction=0\.2 leaves no real .*data\.datasets\.real_train is not set",
+        ),
+        (
+            {"real_train": TinySamples(5, 1, labelled=False)},
+            r"^data\.datasets\.real_train.*no 'mask'.*as data\.datasets\.real_unlabeled$",
+        ),
+        ({"real_train": TinySamples(5, 0)}, r"^data\.datasets\.real_train.*domain 0, expected 1"),
+        ({"sim_val": TinySamples(5, 1)}, r"^data\.datasets\.sim_val.*domain 1, expected 0"),
+        (
+            {"real_train": TinySamples(50, 1, size=(4, 8))},
+            r"^data\.datasets\.sim_train images .* data\.datasets\.real_train images",
+        ),
+        ({"sim_val": [1, 2, 3]}, r"^data\.datasets\.sim_val: expected a torch Dataset"),
+        ({"augment": "flip"}, r"^data\.augment"),
     ],
 )
 def test_datamodule_validation_names_the_key(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):  # a ValueError
         _dm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sim_ratio": 1.2}, r"^stages\.finetune\.sim_ratio: expected a number in \[0, 1\]"),
+        ({"sim_ratio": "0.9"}, r"^stages\.finetune\.sim_ratio: expected a number"),
+        ({"real_fraction": -0.1}, r"^stages\.finetune\.real_fraction: expected a number in"),
+        ({"batch_size": 0}, r"^data\.loader\.batch_size: expected a whole number >= 1"),
+        ({"batch_size": 2.5}, r"^data\.loader\.batch_size: expected a whole number"),
+        (
+            {"batches_per_epoch": 0},
+            r"^data\.loader\.batches_per_epoch \(or stages\.finetune\.batches_per_epoch\): "
+            r"expected a whole number >= 1, got 0",
+        ),
+        ({"val_batch_size": 0}, r"^data\.loader\.val_batch_size: "),
+        ({"num_workers": -1}, r"^data\.loader\.num_workers: "),
+        ({"seed": -1}, r"^seed: expected a whole number >= 0, got -1"),
+        (
+            {"batch_size": 4},
+            r"^data\.loader\.batch_size=4 with stages\.finetune\.sim_ratio=0\.9 gives 4 sim "
+            r"\+ 0 real.*use a larger data\.loader\.batch_size or a stages\.finetune\.sim_ratio",
+        ),
+        (
+            {"sim_train": None},
+            r"^data\.datasets\.sim_train is not set, so there are no sim images, but "
+            r"stages\.finetune\.sim_ratio=0\.9 with data\.loader\.batch_size=20 needs 18 sim "
+            r"\+ 2 real images per batch; provide data\.datasets\.sim_train or set "
+            r"stages\.finetune\.sim_ratio=0 for real-only training$",
+        ),
+        (
+            {"real_train": None},
+            r"^stages\.finetune\.real_fraction=0\.2 leaves no real images "
+            r"\(data\.datasets\.real_train is not set .*raise stages\.finetune\.real_fraction, "
+            r"provide data\.datasets\.real_train, or set stages\.finetune\.sim_ratio=1",
+        ),
+        (
+            {"real_fraction": 0.0},
+            r"^stages\.finetune\.real_fraction=0\.0 leaves no real images \(0 of 50",
+        ),
+        ({"real_val": TinySamples(5, 0)}, r"^data\.datasets\.real_val: .*domain 0, expected 1"),
+    ],
+)
+def test_stage_datamodule_errors_name_the_keys_a_user_types(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _dm(stage_name="finetune", **kwargs)
+
+
+def test_stage_name_reaches_the_sampler_keys() -> None:
+    dm = _dm(stage_name="finetune")
+    assert dm.keys["sim_ratio"] == "stages.finetune.sim_ratio"
+    assert dm.train_dataloader().batch_sampler.batches_per_epoch == 4
+    assert _dm().keys["sim_ratio"] == "sim_ratio"
+    with pytest.raises(TypeError, match="stage_name"):
+        _dm(stage_name="")
 
 
 class _GroupedSamples(TinySamples):

@@ -7,7 +7,9 @@ import math
 
 import pytest
 
+from core.config import ConfigError
 from training.sampler import (
+    KEY_NAMES,
     EndlessShuffleSampler,
     ExactRatioBatchSampler,
     batch_composition,
@@ -166,16 +168,17 @@ def test_rank_and_world_size_without_process_group() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"sim_ratio": 1.5}, r"data\.sim_ratio"),
-        ({"sim_ratio": -0.1}, r"data\.sim_ratio"),
-        ({"sim_ratio": math.nan}, r"data\.sim_ratio"),
-        ({"batch_size": 0}, r"data\.batch_size"),
-        ({"batches_per_epoch": 0}, r"data\.batches_per_epoch"),
-        ({"num_sim": 0}, r"data\.sim_ratio.*no sim images"),
-        ({"num_real": 0}, r"data\.real_fraction leaves no real images"),
-        ({"batch_size": 4}, r"data\.batch_size=4 with data\.sim_ratio=0\.9.*no real"),
-        ({"batch_size": 4, "sim_ratio": 0.1}, r"data\.batch_size=4.*no sim"),
-        ({"seed": -1}, r"data\.seed"),
+        ({"sim_ratio": 1.5}, r"^sim_ratio: expected a number in \[0, 1\], got 1\.5"),
+        ({"sim_ratio": -0.1}, r"^sim_ratio: expected a number in \[0, 1\]"),
+        ({"sim_ratio": math.nan}, r"^sim_ratio: expected a number in \[0, 1\], got nan"),
+        ({"sim_ratio": True}, r"^sim_ratio: expected a number"),
+        ({"batch_size": 0}, r"^batch_size: expected a whole number >= 1, got 0"),
+        ({"batches_per_epoch": 0}, r"^batches_per_epoch: expected a whole number >= 1"),
+        ({"num_sim": 0}, r"^sim_ratio=0\.9 needs 18 sim images.*no sim images.*sim_train"),
+        ({"num_real": 0}, r"^real_fraction leaves no real images.*real_train"),
+        ({"batch_size": 4}, r"^batch_size=4 with sim_ratio=0\.9.*no real"),
+        ({"batch_size": 4, "sim_ratio": 0.1}, r"^batch_size=4.*no sim"),
+        ({"seed": -1}, r"^seed: expected a whole number >= 0, got -1"),
         ({"rank": 2, "world_size": 2}, r"rank"),
         ({"world_size": 0}, r"world_size"),
     ],
@@ -190,6 +193,72 @@ def test_sampler_validation_names_the_key(kwargs: dict, match: str) -> None:
     } | kwargs
     with pytest.raises(ValueError, match=match):
         ExactRatioBatchSampler(**args)
+
+
+#: What the data module of stage "finetune" passes: the keys a user would type.
+FINETUNE_KEYS = {
+    "sim_ratio": "stages.finetune.sim_ratio",
+    "real_fraction": "stages.finetune.real_fraction",
+    "batch_size": "data.loader.batch_size",
+    "batches_per_epoch": "data.loader.batches_per_epoch",
+    "seed": "seed",
+    "sim_train": "data.datasets.sim_train",
+    "real_train": "data.datasets.real_train",
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sim_ratio": 1.5}, r"^stages\.finetune\.sim_ratio: expected a number in \[0, 1\]"),
+        ({"batch_size": 0}, r"^data\.loader\.batch_size: expected a whole number >= 1"),
+        ({"batches_per_epoch": 0}, r"^data\.loader\.batches_per_epoch: expected a whole"),
+        ({"seed": -1}, r"^seed: expected a whole number >= 0"),
+        (
+            {"batch_size": 4},
+            r"^data\.loader\.batch_size=4 with stages\.finetune\.sim_ratio=0\.9 gives 4 sim"
+            r".*use a larger data\.loader\.batch_size or a stages\.finetune\.sim_ratio further",
+        ),
+        (
+            {"num_sim": 0},
+            r"^stages\.finetune\.sim_ratio=0\.9 needs 18 sim.*set stages\.finetune\.sim_ratio=0"
+            r" for real-only training or provide data\.datasets\.sim_train$",
+        ),
+        (
+            {"num_real": 0},
+            r"^stages\.finetune\.real_fraction leaves no real images.*raise "
+            r"stages\.finetune\.real_fraction, provide data\.datasets\.real_train, or set "
+            r"stages\.finetune\.sim_ratio=1$",
+        ),
+    ],
+)
+def test_sampler_errors_name_the_keys_the_caller_passes(kwargs: dict, match: str) -> None:
+    args = {
+        "num_sim": 100,
+        "num_real": 10,
+        "batch_size": 20,
+        "sim_ratio": 0.9,
+        "batches_per_epoch": 5,
+    } | kwargs
+    with pytest.raises(ConfigError, match=match):
+        ExactRatioBatchSampler(**args, keys=FINETUNE_KEYS)
+
+
+def test_keys_reach_every_sampler_function() -> None:
+    assert set(FINETUNE_KEYS) == set(KEY_NAMES)
+    with pytest.raises(ConfigError, match=r"^stages\.finetune\.sim_ratio: "):
+        batch_composition(20, 2.0, keys=FINETUNE_KEYS)
+    with pytest.raises(ConfigError, match=r"^stages\.finetune\.real_fraction: "):
+        real_subset_indices(100, 1.5, seed=0, keys=FINETUNE_KEYS)
+    with pytest.raises(ConfigError, match=r"^seed: expected a whole number >= 0"):
+        real_subset_indices(100, 0.5, seed=-3, keys={"seed": "seed"})
+    with pytest.raises(ConfigError, match=r"^my\.seed: "):
+        EndlessShuffleSampler(5, seed=-1, keys={"seed": "my.seed"})
+    # Unmapped names are named as themselves; a mistyped name is the caller's bug.
+    with pytest.raises(ConfigError, match=r"^batch_size: "):
+        batch_composition(0, 0.5, keys={"sim_ratio": "stages.finetune.sim_ratio"})
+    with pytest.raises(TypeError, match=r"keys: unknown name\(s\) \['sim_rati'\]"):
+        batch_composition(20, 0.5, keys={"sim_rati": "stages.finetune.sim_ratio"})
 
 
 def test_single_domain_ratios_need_only_their_domain() -> None:
@@ -221,7 +290,7 @@ def test_real_subsets_are_reproducible_nested_and_seeded() -> None:
 
 @pytest.mark.parametrize("fraction", [1.5, -0.1, math.nan])
 def test_real_subset_rejects_bad_fraction(fraction: float) -> None:
-    with pytest.raises(ValueError, match=r"data\.real_fraction"):
+    with pytest.raises(ValueError, match=r"^real_fraction: expected a number in \[0, 1\]"):
         real_subset_indices(100, fraction, seed=0)
 
 

@@ -2,13 +2,16 @@
 
 Datasets arrive already built (Hydra instantiates them through ``_target_``); this module
 only decides which images go into which batch. Everything that can be checked is checked
-at construction, so a bad ``data.*`` setting stops the run before the first step, with a
-message naming the key.
+at construction, so a bad setting stops the run before the first step, with a message
+naming the key a user would type: ``data.loader.*``, ``data.datasets.<role>``, ``seed``,
+and the stage's ``stages.<stage name>.sim_ratio`` / ``real_fraction`` /
+``batches_per_epoch`` (given ``stage_name``).
 
 Example:
     >>> dm = SimRealDataModule(sim_train=sim, sim_val=sim_val, real_train=cityscapes_train,
     ...                        real_val=cityscapes_val, sim_ratio=0.9, real_fraction=0.1,
-    ...                        batch_size=20, augment=Augment(scale=(0.75, 1.25)))
+    ...                        batch_size=20, augment=Augment(scale=(0.75, 1.25)),
+    ...                        stage_name="finetune")
     >>> trainer = pl.Trainer(max_epochs=10, use_distributed_sampler=False)
     >>> trainer.fit(model, datamodule=dm)   # every batch: 18 sim + 2 real
 """
@@ -22,13 +25,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
 
+from core.config import ConfigError, check_number
 from training.augment import Augment, AugmentedDataset
 from training.sampler import (
     EndlessShuffleSampler,
     ExactRatioBatchSampler,
-    _check_count,
-    _check_seed,
-    _check_unit,
     batch_composition,
     group_balance_weights,
     rank_and_world_size,
@@ -41,6 +42,10 @@ SIM_DOMAIN = 0
 REAL_DOMAIN = 1
 #: Keys every Sample has (``mask`` only when labelled).
 SAMPLE_KEYS = ("image", "domain", "group", "id")
+#: Where the datasets are configured: ``data.datasets.<role>``.
+DATASETS_KEY = "data.datasets"
+#: Where the loader settings are configured: ``data.loader.<setting>``.
+LOADER_KEY = "data.loader"
 
 
 class _EmptyDataset(Dataset[dict[str, Any]]):
@@ -70,43 +75,44 @@ class _WithoutMask(Dataset[dict[str, Any]]):
 def _probe(
     dataset: object, key: str, domain: int, labelled: bool
 ) -> tuple[int, dict[str, Any] | None]:
-    """Check ``dataset`` (config key ``key``) and read its first Sample.
+    """Check ``dataset`` (config key ``key``, e.g. ``data.datasets.sim_train``) and read its
+    first Sample.
 
     Returns ``(len(dataset), first Sample or None when empty)``. One item is read so that
     a wrong dataset (no masks, the other domain, not Samples at all) fails here rather than
     at the first collate, minutes into a run.
     """
     if not isinstance(dataset, Dataset):
-        raise ValueError(
+        raise ConfigError(
             f"{key}: expected a torch Dataset of Samples, got {type(dataset).__name__}"
         )
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{key}: expected a map-style Dataset with a length") from None
+        raise ConfigError(f"{key}: expected a map-style Dataset with a length") from None
     if n == 0:
         return 0, None
     sample = dataset[0]
     if not isinstance(sample, Mapping):
-        raise ValueError(f"{key}: items must be Sample dicts, got {type(sample).__name__}")
+        raise ConfigError(f"{key}: items must be Sample dicts, got {type(sample).__name__}")
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
-        raise ValueError(f"{key}: Samples lack the keys {missing}; expected {list(SAMPLE_KEYS)}")
+        raise ConfigError(f"{key}: Samples lack the keys {missing}; expected {list(SAMPLE_KEYS)}")
     image = sample["image"]
     if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3):
-        raise ValueError(
+        raise ConfigError(
             f"{key}: Sample 'image' must be a (3, H, W) tensor, got "
             f"{getattr(image, 'shape', type(image).__name__)}"
         )
     if labelled and "mask" not in sample:
-        raise ValueError(
+        raise ConfigError(
             f"{key}: its Samples have no 'mask', so it is not a labelled dataset; pass "
-            "unlabelled images as data.real_unlabeled"
+            f"unlabelled images as {DATASETS_KEY}.real_unlabeled"
         )
     found = int(sample["domain"])
     if found != domain:
         names = {SIM_DOMAIN: "sim", REAL_DOMAIN: "real"}
-        raise ValueError(
+        raise ConfigError(
             f"{key}: its Samples have domain {found}, expected {domain} "
             f"({names.get(domain)}); pass the dataset in the other slot, or build it with "
             f"the right domain (e.g. GeneratedDataset(..., domain={domain}))"
@@ -156,9 +162,19 @@ class SimRealDataModule(pl.LightningDataModule):
         seed: seed (>= 0) of the real subset and of the batch draws.
         augment: training augmentation, or None.
         pin_memory: pin batches in page-locked memory (faster copies to a GPU).
+        group_balanced: draw every condition group equally often (risk T-08).
+        stage_name: the stage these data train, when built for one: errors then name
+            ``stages.<stage_name>.sim_ratio`` and ``.real_fraction``, and
+            ``data.loader.batches_per_epoch (or stages.<stage_name>.batches_per_epoch)``;
+            None: plain ``sim_ratio`` / ``real_fraction``.
+
+    Every other error names its config key: ``data.loader.batch_size``,
+    ``data.loader.batches_per_epoch``, ``data.loader.val_batch_size``,
+    ``data.loader.num_workers``, ``seed``, ``data.augment`` and ``data.datasets.<role>``.
 
     Raises:
-        ValueError: naming the ``data.*`` key, for any setting or dataset that cannot work.
+        ConfigError: (a ValueError) naming the key, for any setting or dataset that cannot
+            work.
     """
 
     def __init__(
@@ -179,31 +195,45 @@ class SimRealDataModule(pl.LightningDataModule):
         augment: Augment | None = None,
         pin_memory: bool = False,
         group_balanced: bool = False,
+        stage_name: str | None = None,
     ) -> None:
         super().__init__()
+        if stage_name is not None and not (isinstance(stage_name, str) and stage_name):
+            raise TypeError(f"stage_name: expected a non-empty string or None, got {stage_name!r}")
+        self.stage_name = stage_name
+        #: The config key of each setting (:data:`training.sampler.KEY_NAMES`), for the
+        #: sampler's messages as well as ours.
+        self.keys = self._config_keys(stage_name)
+        k = self.keys
         self.group_balanced = bool(group_balanced)
-        self.sim_ratio = _check_unit(sim_ratio, "data.sim_ratio")
-        self.real_fraction = _check_unit(real_fraction, "data.real_fraction")
-        self.batch_size = _check_count(batch_size, "data.batch_size", 1)
-        self.batches_per_epoch = _check_count(batches_per_epoch, "data.batches_per_epoch", 1)
-        self.val_batch_size = _check_count(val_batch_size, "data.val_batch_size", 1)
-        self.num_workers = _check_count(num_workers, "data.num_workers", 0)
-        self.seed = _check_seed(seed)
+        self.sim_ratio = float(check_number(k["sim_ratio"], sim_ratio, low=0, high=1))
+        self.real_fraction = float(check_number(k["real_fraction"], real_fraction, low=0, high=1))
+        self.batch_size = check_number(k["batch_size"], batch_size, low=1, integer=True)
+        self.batches_per_epoch = check_number(
+            k["batches_per_epoch"], batches_per_epoch, low=1, integer=True
+        )
+        self.val_batch_size = check_number(
+            f"{LOADER_KEY}.val_batch_size", val_batch_size, low=1, integer=True
+        )
+        self.num_workers = check_number(
+            f"{LOADER_KEY}.num_workers", num_workers, low=0, integer=True
+        )
+        self.seed = check_number(k["seed"], seed, low=0, integer=True)
         if augment is not None and not isinstance(augment, Augment):
-            raise ValueError(
+            raise ConfigError(
                 f"data.augment: expected a training.augment.Augment or null, "
                 f"got {type(augment).__name__}"
             )
         self.augment = augment
         self.pin_memory = bool(pin_memory)
-        self.n_sim, self.n_real = batch_composition(self.batch_size, self.sim_ratio)
+        self.n_sim, self.n_real = batch_composition(self.batch_size, self.sim_ratio, keys=self.keys)
 
         self.sim_train, self.sim_val = sim_train, sim_val
         self.real_train, self.real_val, self.real_test = real_train, real_val, real_test
         self.real_unlabeled = real_unlabeled
         sizes: dict[str, int] = {}
         firsts: dict[str, dict[str, Any] | None] = {}
-        for key, ds, domain, labelled in (
+        for role, ds, domain, labelled in (
             ("sim_train", sim_train, SIM_DOMAIN, True),
             ("sim_val", sim_val, SIM_DOMAIN, True),
             ("real_train", real_train, REAL_DOMAIN, True),
@@ -212,12 +242,12 @@ class SimRealDataModule(pl.LightningDataModule):
             ("real_unlabeled", real_unlabeled, REAL_DOMAIN, False),
         ):
             if ds is not None:
-                sizes[key], firsts[key] = _probe(ds, f"data.{key}", domain, labelled)
+                sizes[role], firsts[role] = _probe(ds, f"{DATASETS_KEY}.{role}", domain, labelled)
 
         self.num_sim_train = sizes.get("sim_train", 0)
         self.num_real_train_total = sizes.get("real_train", 0)
         self.real_train_indices: list[int] = real_subset_indices(
-            self.num_real_train_total, self.real_fraction, self.seed
+            self.num_real_train_total, self.real_fraction, self.seed, keys=self.keys
         )
         self.num_real_labelled = len(self.real_train_indices)
         self.real_subset: Subset | None = (
@@ -228,44 +258,65 @@ class SimRealDataModule(pl.LightningDataModule):
         self._batch_sampler(rank=0, world_size=1)
 
     # -- checks ------------------------------------------------------------------------
+    @staticmethod
+    def _config_keys(stage_name: str | None) -> dict[str, str]:
+        """The config key a user types for each setting the sampler checks
+        (:data:`training.sampler.KEY_NAMES`)."""
+        stage = f"stages.{stage_name}." if stage_name else ""
+        batches = f"{LOADER_KEY}.batches_per_epoch"
+        if stage_name:
+            batches += f" (or {stage}batches_per_epoch)"
+        return {
+            "sim_ratio": f"{stage}sim_ratio",
+            "real_fraction": f"{stage}real_fraction",
+            "batch_size": f"{LOADER_KEY}.batch_size",
+            "batches_per_epoch": batches,
+            "seed": "seed",
+            "sim_train": f"{DATASETS_KEY}.sim_train",
+            "real_train": f"{DATASETS_KEY}.real_train",
+        }
+
     def _check_training_sets(
         self, sim_first: dict[str, Any] | None, real_first: dict[str, Any] | None
     ) -> None:
         """The datasets the configured batch composition needs exist and collate together."""
+        k = self.keys
+        sim_ratio, real_fraction = k["sim_ratio"], k["real_fraction"]
+        sim_train, real_train = k["sim_train"], k["real_train"]
         composition = (
-            f"data.sim_ratio={self.sim_ratio} with data.batch_size={self.batch_size} "
+            f"{sim_ratio}={self.sim_ratio} with {k['batch_size']}={self.batch_size} "
             f"needs {self.n_sim} sim + {self.n_real} real images per batch"
         )
         if self.n_sim > 0 and self.num_sim_train == 0:
             state = "is not set" if self.sim_train is None else "is empty"
-            raise ValueError(
-                f"data.sim_train {state}, so there are no sim images, but {composition}; "
-                "provide data.sim_train or set data.sim_ratio=0 for real-only training"
+            raise ConfigError(
+                f"{sim_train} {state}, so there are no sim images, but {composition}; "
+                f"provide {sim_train} or set {sim_ratio}=0 for real-only training"
             )
         if self.n_real > 0 and self.num_real_labelled == 0:
             if self.real_train is None:
-                source = "data.real_train is not set (0 real training images)"
+                source = f"{real_train} is not set (0 real training images)"
             else:
                 source = f"0 of {self.num_real_train_total} real training images"
-            raise ValueError(
-                f"data.real_fraction={self.real_fraction} leaves no real images ({source}), "
-                f"but {composition}; raise data.real_fraction, provide data.real_train, or "
-                "set data.sim_ratio=1 for sim-only training"
+            raise ConfigError(
+                f"{real_fraction}={self.real_fraction} leaves no real images ({source}), "
+                f"but {composition}; raise {real_fraction}, provide {real_train}, or "
+                f"set {sim_ratio}=1 for sim-only training"
             )
         if self.n_sim > 0 and self.n_real > 0 and sim_first and real_first:
             # default_collate stacks tensors and zips dict keys: a mixed batch needs both
             # domains to have the same keys and image size, and would otherwise fail at
             # the first mixed batch instead of here.
             if set(sim_first) != set(real_first):
-                raise ValueError(
-                    f"data.sim_train and data.real_train Samples have different keys "
+                raise ConfigError(
+                    f"{sim_train} and {real_train} Samples have different keys "
                     f"({sorted(sim_first)} vs {sorted(real_first)}); mixed batches need the same"
                 )
             sim_hw = tuple(sim_first["image"].shape[1:])
             real_hw = tuple(real_first["image"].shape[1:])
             if sim_hw != real_hw:
-                raise ValueError(
-                    f"data.sim_train images are {sim_hw} (H, W) but data.real_train images are "
+                raise ConfigError(
+                    f"{sim_train} images are {sim_hw} (H, W) but {real_train} images are "
                     f"{real_hw}; resize the real dataset (its size argument) to match"
                 )
 
@@ -282,6 +333,7 @@ class SimRealDataModule(pl.LightningDataModule):
             world_size=world_size,
             yield_epoch=self.augment is not None,
             **self._group_weights(),
+            keys=self.keys,
         )
 
     def _group_weights(self) -> dict[str, Any]:
@@ -388,27 +440,30 @@ class SimRealDataModule(pl.LightningDataModule):
         labelled fraction). It has no length: draw from it with ``next``.
 
         Args:
-            batch_size: images per batch; default ``batch_size``.
+            batch_size: images per batch; default ``batch_size`` (``data.loader.batch_size``).
 
         Returns:
             Batches with ``image`` ``(B, 3, H, W)``, ``domain`` ``(B,)`` (all 1), ``group``
             and ``id``.
         """
         batch_size = self.batch_size if batch_size is None else batch_size
-        batch_size = _check_count(batch_size, "batch_size", 1)
+        batch_size = check_number(
+            "unlabeled_dataloader(batch_size=...)", batch_size, low=1, integer=True
+        )
         source = self.real_unlabeled if self.real_unlabeled is not None else self.real_train
         if source is None or len(source) == 0:  # type: ignore[arg-type]
-            raise ValueError(
-                "data.real_unlabeled: no unlabelled real images (data.real_unlabeled is "
+            unlabeled, real_train = f"{DATASETS_KEY}.real_unlabeled", self.keys["real_train"]
+            raise ConfigError(
+                f"{unlabeled}: no unlabelled real images ({unlabeled} is "
                 f"{'empty' if self.real_unlabeled is not None else 'not set'} and "
-                "data.real_train does not stand in for it); domain adaptation needs one of them"
+                f"{real_train} does not stand in for it); domain adaptation needs one of them"
             )
         dataset = _WithoutMask(source)
         rank, _ = self._rank_and_world_size()
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EndlessShuffleSampler(len(dataset), seed=self.seed, rank=rank),
+            sampler=EndlessShuffleSampler(len(dataset), seed=self.seed, rank=rank, keys=self.keys),
             num_workers=self.num_workers,
             collate_fn=default_collate,
             pin_memory=self.pin_memory,

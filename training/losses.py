@@ -3,7 +3,9 @@
 Class weighting is the config-level mitigation of risk T-08 (model bias): rare classes
 (poles, signs, people) cover few pixels, so an unweighted loss learns them last and
 worst. ``loss.class_weighting`` picks a method; the dataset card's class pixel
-histogram supplies the counts.
+histogram supplies the counts. The clip bounds are an argument of
+:func:`class_weights_from_histogram` only (no config key sets them: the stages use the
+default ``(0.2, 5.0)``).
 
 Example:
     >>> counts = card["class_pixel_histogram"]                # (C,) pixel counts
@@ -81,13 +83,15 @@ def class_weights_from_histogram(
             card's class histogram.
         method: one of :data:`CLASS_WEIGHTINGS` (config ``loss.class_weighting``).
         clip: ``(low, high)`` bounds relative to the average pixel weight, with
-            ``0 < low <= 1 <= high`` (config ``loss.class_weight_clip``).
+            ``0 < low <= 1 <= high``. Not a config key: the training stages use this
+            default.
 
     Returns:
         ``(C,)`` float32 weights.
 
     Raises:
-        ValueError: unknown method (names ``loss.class_weighting``), bad counts or clip.
+        ValueError: unknown method (names ``loss.class_weighting``), bad counts, or a bad
+            clip (names ``class_weights_from_histogram(clip=...)``).
 
     Example:
         >>> class_weights_from_histogram([90, 10], "inverse", clip=(0.2, 5.0))
@@ -100,10 +104,14 @@ def class_weights_from_histogram(
     counts = _as_counts(pixel_counts)
     if method == "none":
         return torch.ones(counts.numel(), dtype=torch.float32)
-    low, high = (float(v) for v in clip)
+    try:
+        low, high = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        low = high = math.nan  # not two numbers: refused just below
     if not (0.0 < low <= 1.0 <= high and math.isfinite(high)):
         raise ValueError(
-            f"loss.class_weight_clip: expected (low, high) with 0 < low <= 1 <= high, got {clip!r}"
+            "class_weights_from_histogram(clip=...): expected (low, high) with "
+            f"0 < low <= 1 <= high, got {clip!r}"
         )
     total = counts.sum()
     if total <= 0:

@@ -2,7 +2,8 @@
 
 Every training batch mixes the two domains in exactly the configured ratio (batch 20 at
 ``sim_ratio=0.9`` is always 18 sim + 2 real, never "about 90 % on average"), so a sweep
-over ``data.sim_ratio`` or ``data.real_fraction`` changes one thing only.
+over a stage's ``sim_ratio`` or ``real_fraction`` (``stages.<stage name>.sim_ratio``)
+changes one thing only.
 
 The draws are pure functions of ``(seed, epoch, stream, cycle)`` -- no hidden counters --
 so a run is reproducible, a resumed epoch replays the same batches, and every DDP rank can
@@ -14,19 +15,28 @@ Example:
     >>> batch = next(iter(sampler))
     >>> sum(i < 1000 for i in batch), sum(i >= 1000 for i in batch)
     (18, 2)
+
+Error messages name the setting behind each value. This module does not know where a
+value came from, so it names each one as itself (``sim_ratio``, ``batch_size``, ...) unless
+the caller passes ``keys``: a mapping from those names (:data:`KEY_NAMES`) to the config
+keys a user would type, e.g. ``{"sim_ratio": "stages.finetune.sim_ratio",
+"batch_size": "data.loader.batch_size"}`` (what :class:`training.datamodule.SimRealDataModule`
+passes).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from core.config import ConfigError, check_number
+
 __all__ = [
+    "KEY_NAMES",
     "EndlessShuffleSampler",
     "ExactRatioBatchSampler",
     "batch_composition",
@@ -44,73 +54,87 @@ _SUBSET_STREAM = 3
 _UNLABELED_STREAM = 4
 
 
-def _check_seed(seed: object, key: str = "data.seed") -> int:
-    # SeedSequence rejects negative entries; fail with the key instead of deep in numpy.
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"{key}: expected an integer >= 0, got {seed!r}")
-    return int(seed)
+#: The names ``keys`` may map to config keys: the settings whose errors name them, and the
+#: two training datasets that the "no sim / no real images" errors tell the user to provide.
+KEY_NAMES: tuple[str, ...] = (
+    "sim_ratio",
+    "real_fraction",
+    "batch_size",
+    "batches_per_epoch",
+    "seed",
+    "sim_train",
+    "real_train",
+)
 
 
-def _check_unit(value: object, key: str) -> float:
-    """``value`` as a float in [0, 1] (NaN and bools refused), else a ValueError naming key."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{key}: expected a number in [0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also False for NaN
-        raise ValueError(f"{key}: expected a number in [0, 1], got {value!r}")
-    return value
+def _key_namer(keys: Mapping[str, str] | None) -> Callable[[str], str]:
+    """``name -> keys[name]``, else ``name`` itself; a name outside :data:`KEY_NAMES` in
+    ``keys`` is a caller's typo and raises TypeError rather than being ignored."""
+    keys = dict(keys or {})
+    unknown = sorted(set(keys) - set(KEY_NAMES))
+    if unknown:
+        raise TypeError(f"keys: unknown name(s) {unknown}; expected some of {list(KEY_NAMES)}")
+    return lambda name: keys.get(name, name)
 
 
-def _check_count(value: object, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{key}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def batch_composition(batch_size: int, sim_ratio: float) -> tuple[int, int]:
+def batch_composition(
+    batch_size: int, sim_ratio: float, *, keys: Mapping[str, str] | None = None
+) -> tuple[int, int]:
     """Sim and real images per batch: ``n_sim = round(batch_size * sim_ratio)``.
 
     This is the single definition of the split (Python's ``round``, so an exact half goes
     to the even number: batch 10 at 0.25 -> 2 sim + 8 real); log or test against it rather
     than recomputing it.
 
+    Args:
+        batch_size: images per batch (>= 1).
+        sim_ratio: fraction of each batch that is sim, in [0, 1].
+        keys: config keys of ``batch_size`` and ``sim_ratio`` for the error messages (see
+            the module docstring); default: those names.
+
     Raises:
-        ValueError: ``data.batch_size`` < 1, ``data.sim_ratio`` outside [0, 1], or a mixed
-            ratio (0 < sim_ratio < 1) that rounds one domain away (batch 4 at 0.9).
+        ConfigError: (a ValueError) naming the key: ``batch_size`` < 1, ``sim_ratio``
+            outside [0, 1], or a mixed ratio (0 < sim_ratio < 1) that rounds one domain
+            away (batch 4 at 0.9).
 
     Example:
         >>> batch_composition(20, 0.9)
         (18, 2)
     """
-    batch_size = _check_count(batch_size, "data.batch_size", 1)
-    sim_ratio = _check_unit(sim_ratio, "data.sim_ratio")
+    key = _key_namer(keys)
+    batch_size = check_number(key("batch_size"), batch_size, low=1, integer=True)
+    sim_ratio = float(check_number(key("sim_ratio"), sim_ratio, low=0, high=1))
     # Float error in the product is harmless: 20 * 0.9 == 18.000000000000004 rounds to 18.
     n_sim = int(round(batch_size * sim_ratio))
     n_real = batch_size - n_sim
     if 0.0 < sim_ratio < 1.0 and (n_sim == 0 or n_real == 0):
         missing = "sim" if n_sim == 0 else "real"
-        raise ValueError(
-            f"data.batch_size={batch_size} with data.sim_ratio={sim_ratio} gives "
+        raise ConfigError(
+            f"{key('batch_size')}={batch_size} with {key('sim_ratio')}={sim_ratio} gives "
             f"{n_sim} sim + {n_real} real per batch, i.e. no {missing} image in any batch; "
-            "use a larger data.batch_size or a sim_ratio further from 0 and 1 "
+            f"use a larger {key('batch_size')} or a {key('sim_ratio')} further from 0 and 1 "
             "(or exactly 0 or 1 for a single domain)"
         )
     return n_sim, n_real
 
 
-def real_subset_indices(n: int, fraction: float, seed: int) -> list[int]:
+def real_subset_indices(
+    n: int, fraction: float, seed: int, *, keys: Mapping[str, str] | None = None
+) -> list[int]:
     """The labelled-real subset: ``k`` of ``n`` real images, sorted, reproducible by seed.
 
     ``k = max(1, round(n * fraction))`` for ``fraction > 0`` (at most ``n``), ``0`` for
     ``fraction == 0``. The subset is the first ``k`` entries of one permutation of
     ``range(n)`` fixed by ``seed``, so subsets are *nested*: with the same seed the 5 %
-    subset is contained in the 10 % one, and a sweep over ``data.real_fraction`` adds
+    subset is contained in the 10 % one, and a sweep over a stage's ``real_fraction`` adds
     images instead of swapping them.
 
     Args:
         n: number of real training images (>= 0).
-        fraction: ``data.real_fraction`` in [0, 1].
-        seed: ``data.seed`` (>= 0).
+        fraction: the stage's ``real_fraction``, in [0, 1].
+        seed: the run's ``seed`` (>= 0).
+        keys: config keys of ``real_fraction`` and ``seed`` for the error messages (see the
+            module docstring); default: those names.
 
     Returns:
         Sorted indices into the real training dataset.
@@ -120,9 +144,10 @@ def real_subset_indices(n: int, fraction: float, seed: int) -> list[int]:
         >>> len(small), len(large), set(small) <= set(large)
         (5, 10, True)
     """
-    n = _check_count(n, "n (number of real images)", 0)
-    fraction = _check_unit(fraction, "data.real_fraction")
-    seed = _check_seed(seed)
+    key = _key_namer(keys)
+    n = check_number("n (number of real images)", n, low=0, integer=True)
+    fraction = float(check_number(key("real_fraction"), fraction, low=0, high=1))
+    seed = check_number(key("seed"), seed, low=0, integer=True)
     if fraction == 0.0 or n == 0:
         return []
     k = min(n, max(1, int(round(n * fraction))))
@@ -201,21 +226,28 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
     Args:
         num_sim: sim images (indices ``0 .. num_sim - 1``).
         num_real: labelled real images (indices ``num_sim .. num_sim + num_real - 1``).
-        batch_size: images per batch on this rank (``data.batch_size``).
-        sim_ratio: fraction of each batch that is sim, in [0, 1] (``data.sim_ratio``).
-        batches_per_epoch: batches per epoch on this rank (``data.batches_per_epoch``).
-        seed: ``data.seed`` (>= 0).
+        batch_size: images per batch on this rank (``data.loader.batch_size``).
+        sim_ratio: fraction of each batch that is sim, in [0, 1] (the stage's
+            ``sim_ratio``).
+        batches_per_epoch: batches per epoch on this rank (``data.loader.batches_per_epoch``,
+            or the stage's ``batches_per_epoch``).
+        seed: the run's ``seed`` (>= 0).
         rank: this process's global rank.
         world_size: number of processes.
         yield_epoch: yield ``(epoch, index)`` pairs instead of plain indices, for datasets
             whose items depend on the epoch (:class:`training.augment.AugmentedDataset`).
             The epoch then travels with each index into DataLoader workers, which never see
             a ``set_epoch`` made in the main process once they are running.
+        sim_weights: per-sim-image sampling probabilities (group balancing), or None.
+        real_weights: per-real-image sampling probabilities, or None.
+        keys: config keys of ``batch_size``, ``sim_ratio``, ``batches_per_epoch``, ``seed``,
+            ``real_fraction``, ``sim_train`` and ``real_train`` for the error messages (see
+            the module docstring); default: those names.
 
     Raises:
-        ValueError: naming the config key: ``data.batch_size`` < 1, ``data.sim_ratio``
-            outside [0, 1], ``data.batches_per_epoch`` < 1, a mixed ratio that rounds one
-            domain away, sim needed but no sim images, real needed but ``data.real_fraction``
+        ConfigError: (a ValueError) naming the key: ``batch_size`` < 1, ``sim_ratio``
+            outside [0, 1], ``batches_per_epoch`` < 1, a mixed ratio that rounds one
+            domain away, sim needed but no sim images, real needed but ``real_fraction``
             leaves no real images, or a bad rank / world size.
     """
 
@@ -232,29 +264,38 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         yield_epoch: bool = False,
         sim_weights: np.ndarray | None = None,
         real_weights: np.ndarray | None = None,
+        *,
+        keys: Mapping[str, str] | None = None,
     ) -> None:
-        self.n_sim, self.n_real = batch_composition(batch_size, sim_ratio)
-        self.batch_size = int(batch_size)
+        key = _key_namer(keys)
+        self.n_sim, self.n_real = batch_composition(batch_size, sim_ratio, keys=keys)
+        self.batch_size = self.n_sim + self.n_real
         self.sim_ratio = float(sim_ratio)
-        self.batches_per_epoch = _check_count(batches_per_epoch, "data.batches_per_epoch", 1)
-        self.num_sim = _check_count(num_sim, "num_sim (sim training images)", 0)
-        self.num_real = _check_count(num_real, "num_real (labelled real images)", 0)
-        self.seed = _check_seed(seed)
-        self.world_size = _check_count(world_size, "world_size", 1)
-        self.rank = _check_count(rank, "rank", 0)
+        self.batches_per_epoch = check_number(
+            key("batches_per_epoch"), batches_per_epoch, low=1, integer=True
+        )
+        self.num_sim = check_number("num_sim (sim training images)", num_sim, low=0, integer=True)
+        self.num_real = check_number(
+            "num_real (labelled real images)", num_real, low=0, integer=True
+        )
+        self.seed = check_number(key("seed"), seed, low=0, integer=True)
+        self.world_size = check_number("world_size", world_size, low=1, integer=True)
+        self.rank = check_number("rank", rank, low=0, integer=True)
         if self.rank >= self.world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+        ratio = f"{key('sim_ratio')}={self.sim_ratio}"
         if self.n_sim > 0 and self.num_sim == 0:
-            raise ValueError(
-                f"data.sim_ratio={self.sim_ratio} needs {self.n_sim} sim images per batch, "
-                "but there are no sim images (the sim training set is missing or empty); "
-                "set data.sim_ratio=0 for real-only training or provide data.sim_train"
+            raise ConfigError(
+                f"{ratio} needs {self.n_sim} sim images per batch, but there are no sim "
+                "images (the sim training set is missing or empty); set "
+                f"{key('sim_ratio')}=0 for real-only training or provide {key('sim_train')}"
             )
         if self.n_real > 0 and self.num_real == 0:
-            raise ValueError(
-                f"data.real_fraction leaves no real images (0 labelled real images), but "
-                f"data.sim_ratio={self.sim_ratio} needs {self.n_real} real images per batch; "
-                "raise data.real_fraction, provide data.real_train, or set data.sim_ratio=1"
+            raise ConfigError(
+                f"{key('real_fraction')} leaves no real images (0 labelled real images), but "
+                f"{ratio} needs {self.n_real} real images per batch; raise "
+                f"{key('real_fraction')}, provide {key('real_train')}, or set "
+                f"{key('sim_ratio')}=1"
             )
         self.yield_epoch = bool(yield_epoch)
         self.epoch = 0
@@ -274,7 +315,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches :meth:`__iter__` yields (Lightning calls this)."""
-        self.epoch = _check_count(epoch, "epoch", 0)
+        self.epoch = check_number("epoch", epoch, low=0, integer=True)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -288,7 +329,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         Returns:
             Global batch ``g`` (taken by rank ``g % world_size``) as a list of indices.
         """
-        epoch = self.epoch if epoch is None else _check_count(epoch, "epoch", 0)
+        epoch = self.epoch if epoch is None else check_number("epoch", epoch, low=0, integer=True)
         return [self._batch(g, *self._streams(epoch), epoch) for g in range(self._num_global)]
 
     @property
@@ -347,19 +388,24 @@ class EndlessShuffleSampler(Sampler[int]):
 
     Args:
         n: number of items (>= 1).
-        seed: ``data.seed`` (>= 0).
+        seed: the run's ``seed`` (>= 0).
         rank: this process's global rank (>= 0).
+        keys: config key of ``seed`` for the error message (see the module docstring);
+            default: ``seed``.
     """
 
-    def __init__(self, n: int, seed: int = 0, rank: int = 0) -> None:
-        self.n = _check_count(n, "n (number of unlabelled images)", 1)
-        self.seed = _check_seed(seed)
-        self.rank = _check_count(rank, "rank", 0)
+    def __init__(
+        self, n: int, seed: int = 0, rank: int = 0, *, keys: Mapping[str, str] | None = None
+    ) -> None:
+        key = _key_namer(keys)
+        self.n = check_number("n (number of unlabelled images)", n, low=1, integer=True)
+        self.seed = check_number(key("seed"), seed, low=0, integer=True)
+        self.rank = check_number("rank", rank, low=0, integer=True)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose passes :meth:`__iter__` yields."""
-        self.epoch = _check_count(epoch, "epoch", 0)
+        self.epoch = check_number("epoch", epoch, low=0, integer=True)
 
     def __iter__(self) -> Iterator[int]:
         epoch, c = self.epoch, 0

@@ -8,11 +8,12 @@ environment and never logged: parameters come from the resolved config only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,6 @@ def log_model(
     """
     import copy
 
-    import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
@@ -161,14 +161,23 @@ def log_model(
     with torch.no_grad():
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy().astype(np.float32))
-    # mlflow.start_run reads the process-wide URI (and set_tracking_uri also exports it to
-    # MLFLOW_TRACKING_URI): set it for this call only and put everything back afterwards
+    with scoped_tracking_uri(uri):
+        _log_model(run_id, model, signature, example, name)
+
+
+@contextlib.contextmanager
+def scoped_tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block (calls such as
+    ``mlflow.start_run`` and the registry's ``models:/`` lookups read it; ``set_tracking_uri``
+    also exports it to ``MLFLOW_TRACKING_URI``), then put both back as they were."""
+    import mlflow
+
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri()
     if uri:
         mlflow.set_tracking_uri(uri)
     try:
-        _log_model(run_id, model, signature, example, name)
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
         if previous_env is None:

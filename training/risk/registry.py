@@ -365,13 +365,17 @@ class ModelRegistry:
                 version_tags[f"metric.{key}"] = repr(float(value))
         version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         version_tags["registered_at"] = _now()
-        mv = self.client.create_model_version(
-            self.name,
-            source=f"models:/{model_id}",
-            run_id=run_id,
-            tags=version_tags,
-            model_id=model_id,
-        )
+        from training.tracking import scoped_tracking_uri
+
+        # the store resolves ``models:/<id>`` through MLflow's process-wide URI
+        with scoped_tracking_uri(self.tracking_uri):
+            mv = self.client.create_model_version(
+                self.name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                tags=version_tags,
+                model_id=model_id,
+            )
         version = str(mv.version)
         if CHAMPION not in self.aliases():
             self.client.set_registered_model_alias(self.name, CHAMPION, version)
