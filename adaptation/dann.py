@@ -215,8 +215,11 @@ class DANN(TaskAdaptation):
             )
         size = self.unlabeled_batch_size
         model.unlabeled(size)  # checks now that the images exist
+        with torch.random.fork_rng(devices=[]):  # the same seed, the same discriminator
+            torch.manual_seed(model.seed)
+            discriminator = self.make_discriminator(in_features=model.feature_channels)
         return DannObjective(
-            self.make_discriminator(in_features=model.feature_channels),
+            discriminator,
             lambda: model.unlabeled(size),
             self.weight,
             self.gamma,

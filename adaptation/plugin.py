@@ -152,11 +152,14 @@ class ModelInfo:
         unlabeled: ``batch_size -> iterable`` of unlabelled real batches (``{"image":
             (B, 3, H, W)}``; ``None``: the labelled batch size), or None when the run has
             none.
+        seed: the run's seed: an objective draws its initial weights (a discriminator,
+            a teacher) from it, so the same seed gives the same run.
     """
 
     feature_channels: int
     num_classes: int
-    unlabeled: Callable[[], Any] | None
+    unlabeled: Callable[[int | None], Any] | None
+    seed: int = 0
 
 
 @dataclass

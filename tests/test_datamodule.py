@@ -466,10 +466,18 @@ def test_stage_datamodule_errors_name_the_keys_a_user_types(kwargs: dict, match:
 
 
 def test_stage_name_reaches_the_sampler_keys() -> None:
-    dm = _dm(stage_name="finetune")
-    assert dm.keys["sim_ratio"] == "stages.finetune.sim_ratio"
-    assert dm.train_dataloader().batch_sampler.batches_per_epoch == 4
-    assert _dm().keys["sim_ratio"] == "sim_ratio"
+    assert _dm(stage_name="finetune").keys == {
+        "sim_ratio": "stages.finetune.sim_ratio",
+        "real_fraction": "stages.finetune.real_fraction",
+        "batch_size": "data.loader.batch_size",
+        "batches_per_epoch": "data.loader.batches_per_epoch (or stages.finetune.batches_per_epoch)",
+        "seed": "seed",
+        "sim_train": "data.datasets.sim_train",
+        "real_train": "data.datasets.real_train",
+    }
+    plain = _dm().keys
+    assert (plain["sim_ratio"], plain["real_fraction"]) == ("sim_ratio", "real_fraction")
+    assert plain["batches_per_epoch"] == "data.loader.batches_per_epoch"
     with pytest.raises(TypeError, match="stage_name"):
         _dm(stage_name="")
 

@@ -104,6 +104,10 @@ def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
             r"stages.finetune.max_epochs: expected a whole number >= 1",
         ),
         ("retries=-1", r"retries: expected a whole number >= 0"),
+        ("seed=-1", r"^seed: expected a whole number >= 0, got -1"),
+        ("seed=0.5", r"^seed: expected a whole number >= 0"),
+        ("data.loader.batch_size=0", r"data.loader.batch_size: expected a whole number >= 1"),
+        ("data.loader.num_workers=-2", r"data.loader.num_workers: expected a whole number >= 0"),
         ("+stages.finetune.lr=0.1", r"stages.finetune.lr: unknown key"),
         ("stages.finetune.init=nowhere.ckpt", r"stages.finetune.init: 'nowhere.ckpt' is neither"),
     ],
@@ -111,3 +115,48 @@ def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
 def test_bad_stage_settings_name_the_key(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         plan(tmp_path, override)
+
+
+def test_initial_weights_follow_the_seed_not_the_process_state(tmp_path):
+    """Same seed, same model: whatever drew from torch's RNG before (issue: two runs of one
+    stage in two output folders trained from different weights)."""
+    import torch
+
+    from training.stages.loop import make_recipe
+
+    cfg = compose_config("train", ["experiment=smoke", f"paths.output={tmp_path}"])
+    recipe = make_recipe(cfg, None, tmp_path)
+    from training.stages.segmenter import build_model
+
+    torch.manual_seed(1)
+    a = build_model(recipe, 11).state_dict()
+    torch.rand(100)  # the process draws something else first
+    b = build_model(recipe, 11).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.random.get_rng_state()
+    build_model(recipe, 11)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    other = build_model(
+        make_recipe(compose_config("train", ["experiment=smoke", "seed=1"]), None, tmp_path), 11
+    )
+    assert not all(torch.equal(a[k], other.state_dict()[k]) for k in a)
+
+
+def test_the_dann_discriminator_follows_the_seed():
+    import torch
+
+    from adaptation.dann import DANN
+    from adaptation.discriminator import DomainDiscriminator
+    from adaptation.plugin import ModelInfo
+
+    def make(seed):
+        dann = DANN(["source_only"], lambda in_features: DomainDiscriminator(in_features, 8, 1))
+        info = ModelInfo(16, 11, lambda size: iter(()), seed=seed)
+        return dann.objective(info).discriminator.state_dict()
+
+    torch.manual_seed(5)
+    a = make(0)
+    torch.rand(10)
+    b, c = make(0), make(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -250,7 +250,13 @@ def test_transient_failure_is_retried(tmp_path, monkeypatch):
     ("override", "error", "match"),
     [
         ("stages.source_only.sim_ratio=1.5", ConfigError, r"stages.source_only.sim_ratio"),
-        ("stages.source_only.real_fraction=-0.1", ConfigError, "real_fraction"),
+        (
+            "stages.source_only.real_fraction=-0.1",
+            ConfigError,
+            r"stages.source_only.real_fraction: expected a number in \[0, 1\]",
+        ),
+        ("data.loader.batch_size=0", ConfigError, r"data.loader.batch_size: expected a whole"),
+        ("seed=-1", ConfigError, r"^seed: expected a whole number >= 0"),
         ("+stages.source_only.lr=0.1", ConfigError, "stages.source_only.lr: unknown key"),
         ("stages.finetune.init=nowhere.ckpt", ConfigError, "stages.finetune.init"),
         (
@@ -269,7 +275,7 @@ def test_bad_input_stops_before_training(smoke_run, override, error, match):
 
 def test_real_fraction_leaving_no_real_images(smoke_run):
     tmp, _ = smoke_run
-    with pytest.raises(ValueError, match="data.real_fraction"):
+    with pytest.raises(ConfigError, match=r"stages\.real_only\.real_fraction=0.0 leaves no"):
         run_train(
             smoke_config(
                 tmp,

@@ -420,7 +420,9 @@ class CycleGANTranslation(PixelAdaptation):
         if record is not None:
             return record
         sim, real = datasets["sim_train"], unlabeled_real(datasets)
-        model = instantiate(self.model, semantic_model=segmenter, seed=run.seed)
+        with torch.random.fork_rng(devices=[]):  # the same seed, the same initial weights
+            torch.manual_seed(run.seed)
+            model = instantiate(self.model, semantic_model=segmenter, seed=run.seed)
         loader = torch.utils.data.DataLoader(
             UnpairedImages(sim, real, seed=run.seed),
             batch_size=self.batch_size,

@@ -167,10 +167,14 @@ def screen_training_set(role: str, dataset: Any) -> tuple[Any, dict[str, float]]
         return dataset, figures
     if not len(screened):
         root = getattr(dataset, "root", role)
+        made_by = ((getattr(dataset, "card", None) or {}).get("translation") or {}).get(
+            "generator_run"
+        )
+        hint = f" (a translated set: its generator, run {made_by}, needs more training)"
         raise ConfigError(
             f"data.datasets.{role}: T-10 screening dropped every frame of {root} "
-            f"({screened.result.counts}); the set cannot be trained on (for translated sim "
-            "frames: the generator needs more training, adaptation.cyclegan.max_batches)"
+            f"({screened.result.counts}); the set cannot be trained on"
+            + (hint if made_by is not None else "")
         )
     log.warning(
         "T-10: %d of %d %s frames dropped by screening: %s",

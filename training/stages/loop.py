@@ -102,7 +102,7 @@ def _run(
     tracking = tracking_spec(cfg.tracking, output)
     world, is_zero = world_size(cfg.trainer), rank_zero_only.rank == 0
     risk = _plain(cfg.risk) if cfg.risk.enabled else None
-    recipe = _recipe(cfg, risk, output)
+    recipe = make_recipe(cfg, risk, output)
     store = StageStore(
         output,
         tracking,
@@ -294,7 +294,7 @@ def _generation_lock(root: Path, world: int) -> Any:
     return exclusive(root / ".generation.lock", "the datasets")
 
 
-def _recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recipe:
+def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recipe:
     from training import tracking
 
     registry = None

@@ -16,7 +16,7 @@ from typing import Any
 from adaptation.plugin import PixelAdaptation, RunValues, TaskAdaptation
 from core.config import ConfigError, instantiate_checked
 from core.hashing import stage_key
-from training.stages.specs import StageSpec, stage_specs, world_size
+from training.stages.specs import StageSpec, check_run_values, stage_specs, world_size
 
 #: Config sections that decide a segmentation stage's result (besides the stage itself).
 RESULT_KEYS = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
@@ -166,6 +166,7 @@ def run_values(cfg: Any, specs: list[StageSpec], class_names: tuple[str, ...]) -
 def make_plan(cfg: Any, class_names: tuple[str, ...]) -> Plan:
     """The run's stages, components and stage hashes; every check before any work."""
     specs = stage_specs(cfg.get("stages"), cfg.get("retries"))
+    check_run_values(cfg.get("seed"), cfg.data.loader)
     names = [s.name for s in specs]
     components = load_components(cfg.get("adaptation"), names)
     pixel = [c for c in components if isinstance(c.plugin, PixelAdaptation)]

@@ -136,6 +136,7 @@ def train_segmenter(
         real_fraction=spec.real_fraction,
         seed=recipe.seed,
         augment=recipe.augment,
+        stage_name=spec.name,
         **loader,
     )
     model = build_model(recipe, taxonomy.num_classes)
@@ -157,6 +158,7 @@ def train_segmenter(
         feature_channels=int(model.feature_channels),
         num_classes=taxonomy.num_classes,
         unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
+        seed=recipe.seed,
     )
     task = SegmentationTask(
         model,
@@ -176,9 +178,19 @@ def train_segmenter(
         if run.fresh:
             _describe(run, recipe, spec, dm, datasets)
         return _fit_and_evaluate(
-            store, run, recipe, spec, digest, task, dm, datasets, callbacks, taxonomy,
-            figures, references,
-        )  # fmt: skip
+            store,
+            run,
+            recipe,
+            spec,
+            digest,
+            task,
+            dm,
+            datasets,
+            callbacks,
+            taxonomy,
+            figures,
+            references,
+        )
 
 
 def _describe(

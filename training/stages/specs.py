@@ -90,6 +90,15 @@ def stage_specs(stages: Any, retries: Any) -> list[StageSpec]:
     return specs
 
 
+def check_run_values(seed: Any, loader: Any) -> None:
+    """The seed and the loader settings, checked before any data is generated (the data
+    module checks them again, with the same keys)."""
+    check_number("seed", seed, low=0, integer=True)
+    for name, low in (("batch_size", 1), ("val_batch_size", 1), ("batches_per_epoch", 1)):
+        check_number(f"data.loader.{name}", loader.get(name), low=low, integer=True)
+    check_number("data.loader.num_workers", loader.get("num_workers", 0), low=0, integer=True)
+
+
 def tracking_spec(tracking: Any, output: Path, create: bool = True) -> TrackingSpec:
     """``cfg.tracking`` resolved against ``paths.output``."""
     from training import tracking as mlflow_tracking
