@@ -12,11 +12,15 @@ from pytorch_lightning.utilities import rank_zero_only
 from core.files import atomic_write_text
 from training.pipeline import run_pipeline
 from training.tracking import browse_hint, tracking_uri
+from training.tracking_server import check_tracking_config
 
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
+    # the server answers, and the local store is created once, under its lock, before the
+    # study's parent run opens it (run_train checks again for each method)
+    check_tracking_config(cfg)
     _, table = run_pipeline(cfg, overrides)
     if rank_zero_only.rank != 0:
         return

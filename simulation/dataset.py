@@ -9,6 +9,12 @@ Layout of a dataset folder ``root/``::
     root/shards/000000/stats.json        histogram, groups and checksums of the shard
     root/manifest.jsonl                  every record in dataset-index order (+ shard, offset)
     root/card.json                       written last: its presence means "complete"
+    root/.verified-<key>.json            cache of a passed :meth:`GeneratedDataset.verify_cached`
+    root/.generation*.lock               held while a generate command writes (never deleted)
+
+The card carries its own checksum, ``card_sha256``: the sha256 of the card's canonical JSON
+without that field (:func:`card_checksum`), checked on every read, so a card edited by
+hand is named as such. Cards written before it existed are still read (with a log line).
 
 A shard folder only ever exists under its final name once it is complete: it is
 written as ``shards/.tmp-000003-<pid>-<rand>/``, its files are fsynced, and the
@@ -31,13 +37,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +58,8 @@ from torch.utils.data import Dataset
 from core.files import atomic_write_bytes, atomic_write_json, fsync_dir, unique_suffix, writer_alive
 from simulation.frames import FrameBatch
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CARD_FILE",
     "FORMAT_VERSION",
@@ -57,7 +68,10 @@ __all__ = [
     "SHARD_FILES",
     "DatasetError",
     "DatasetWriter",
+    "DiskFullError",
     "GeneratedDataset",
+    "card_checksum",
+    "no_space_is_clear",
     "shard_ranges",
 ]
 
@@ -87,7 +101,14 @@ CARD_KEYS = (
     "shards",
     "manifest",
     "created_at",
+    "card_sha256",
 )
+#: The card's checksum of itself (see :func:`card_checksum`).
+CARD_CHECKSUM_KEY = "card_sha256"
+#: Files a dataset folder keeps across ``overwrite``: generation locks must never be
+#: deleted while another process may hold them (it would lock a file nobody else opens).
+LOCK_PREFIX = ".generation"
+VERIFIED_PREFIX = ".verified-"
 _TMP_SHARD_PREFIX = ".tmp-"
 # Memory maps keep a duplicated file descriptor each, so a dataset with thousands of
 # shards would run out of descriptors if every shard stayed mapped.
@@ -97,6 +118,44 @@ _HASH_CHUNK = 8 * 1024 * 1024
 
 class DatasetError(RuntimeError):
     """A dataset on disk that cannot be written or read; the message names the file."""
+
+
+class DiskFullError(DatasetError):
+    """The disk (or quota) filled up while a dataset was written; complete shards are kept."""
+
+
+#: errno values that mean "no room to write": a full disk and an exceeded quota.
+_NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+@contextlib.contextmanager
+def no_space_is_clear(root: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn a full disk (``ENOSPC``/``EDQUOT``) while writing ``what`` of the dataset at
+    ``root`` into a :class:`DiskFullError` that names the folder and says how to go on;
+    any other error passes through unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DiskFullError(
+            f"{root}: no space left on the device while writing {what}{where}: "
+            f"{exc.strerror or exc}. Every complete shard is kept; free some space (or move "
+            "the folder) and rerun the same command: it resumes with the missing shards"
+        ) from None
+
+
+def card_checksum(card: Mapping[str, Any]) -> str:
+    """sha256 of the card's canonical JSON (sorted keys, no spaces) without its own
+    ``card_sha256``: what ``card_sha256`` holds."""
+    body = {k: v for k, v in card.items() if k != CARD_CHECKSUM_KEY}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# Cards without a self-checksum already named in a log line (once per folder and process).
+_LEGACY_CARDS_LOGGED: set[str] = set()
 
 
 # --- small shared helpers ---------------------------------------------------------------
@@ -158,6 +217,18 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
             h.update(chunk)
         return h.hexdigest()
+
+
+def _file_stats(root: Path, paths: Iterable[Path]) -> dict[str, list[int]] | None:
+    """``{relative path: [size, mtime_ns, inode]}``; None if a file is missing."""
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
 
 
 class _HashingWriter:
@@ -256,6 +327,10 @@ class DatasetWriter:
         Removes temporary folders and files a killed run left behind, so call it once,
         before any worker starts writing.
         """
+        with no_space_is_clear(self.root, "the dataset folder"):
+            return self._open()
+
+    def _open(self) -> list[int]:
         self.root.mkdir(parents=True, exist_ok=True)
         gen_path = self.root / GENERATION_FILE
         if gen_path.exists():
@@ -300,7 +375,7 @@ class DatasetWriter:
         """Delete the old dataset: all of ``root`` when it is known to be a dataset folder
         (it has a ``generation.json``), else only the entries a dataset consists of."""
         names = (
-            [p.name for p in self.root.iterdir()]
+            [p.name for p in self.root.iterdir() if not p.name.startswith(LOCK_PREFIX)]
             if everything
             else [SHARDS_DIR, MANIFEST_FILE, CARD_FILE, GENERATION_FILE]
         )
@@ -370,6 +445,13 @@ class DatasetWriter:
                 f"shard {_shard_name(shard_id)}: records must be JSON-ready ({exc})"
             ) from None
 
+        with no_space_is_clear(self.root, f"shard {_shard_name(shard_id)}"):
+            self._write_shard_files(shard_id, batch, records_text, final)
+
+    def _write_shard_files(
+        self, shard_id: int, batch: FrameBatch, records_text: str, final: Path
+    ) -> None:
+        expected = self.ranges[shard_id]
         tmp = self.shards_dir / f"{_TMP_SHARD_PREFIX}{_shard_name(shard_id)}-{unique_suffix()}"
         tmp.mkdir(parents=True)
         try:
@@ -495,7 +577,8 @@ class DatasetWriter:
                 lines.append(json.dumps(rec) + "\n")
 
         manifest = "".join(lines).encode("utf-8")
-        atomic_write_bytes(self.root / MANIFEST_FILE, manifest)
+        with no_space_is_clear(self.root, MANIFEST_FILE):
+            atomic_write_bytes(self.root / MANIFEST_FILE, manifest)
         card: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -514,8 +597,10 @@ class DatasetWriter:
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **self.card_extra,
         }
+        card[CARD_CHECKSUM_KEY] = card_checksum(card)
         # Last write of the run: from here on the folder counts as complete.
-        atomic_write_json(self.root / CARD_FILE, card)
+        with no_space_is_clear(self.root, CARD_FILE):
+            atomic_write_json(self.root / CARD_FILE, card)
         return card
 
 
@@ -553,9 +638,17 @@ class GeneratedDataset(Dataset):
                 "generate command to finish it"
             )
         try:
-            self.card: dict[str, Any] = json.loads(card_path.read_text(encoding="utf-8"))
+            card_bytes = card_path.read_bytes()
+            self.card: dict[str, Any] = json.loads(card_bytes.decode("utf-8"))
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{card_path}: cannot read the dataset card ({exc})") from None
+        if not isinstance(self.card, dict):
+            raise DatasetError(
+                f"{card_path}: expected a JSON object, got {type(self.card).__name__}"
+            )
+        #: sha256 of the card file: names this version of the dataset (verification cache).
+        self.card_digest = hashlib.sha256(card_bytes).hexdigest()
+        self._check_card_checksum(card_path)
         if self.card.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"{card_path}: format_version {self.card.get('format_version')!r} is not "
@@ -587,8 +680,30 @@ class GeneratedDataset(Dataset):
         self._groups: list[str] | None = None
         self._ids: list[str] | None = None
         self._arrays: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._verified: str | None = None  # the card digest verify_cached() passed for
         if verify:
             self.verify()
+
+    def _check_card_checksum(self, card_path: Path) -> None:
+        stored = self.card.get(CARD_CHECKSUM_KEY)
+        if stored is None:
+            if str(card_path) not in _LEGACY_CARDS_LOGGED:
+                _LEGACY_CARDS_LOGGED.add(str(card_path))
+                log.info(
+                    "%s: written before cards carried their own checksum (%s), so an edit of "
+                    "the card cannot be detected; delete it and rerun the generate command "
+                    "to rewrite it from the shards with one",
+                    card_path,
+                    CARD_CHECKSUM_KEY,
+                )
+            return
+        if stored != card_checksum(self.card):
+            raise DatasetError(
+                f"{card_path}: the card does not match its own checksum ({CARD_CHECKSUM_KEY}); "
+                "it was edited or damaged after the dataset was written, so its counts and "
+                "file checksums cannot be trusted. Delete it and rerun the same generate "
+                "command: the card is rewritten from the shards"
+            )
 
     # -- pickling: never ship memory maps (or the big record list) to workers ---------
     def __getstate__(self) -> dict[str, Any]:
@@ -645,13 +760,7 @@ class GeneratedDataset(Dataset):
         Raises :class:`DatasetError` naming the first missing or corrupted file and
         listing every bad one.
         """
-        jobs: list[tuple[Path, str]] = []
-        for shard in self.card["shards"]:
-            sdir = self.root / SHARDS_DIR / _shard_name(int(shard["id"]))
-            jobs.extend((sdir / name, digest) for name, digest in shard["files"].items())
-        manifest = self.card.get("manifest")
-        if manifest:
-            jobs.append((self.root / manifest["file"], manifest["sha256"]))
+        jobs = self._checksummed_files()
 
         def check(job: tuple[Path, str]) -> str | None:
             path, digest = job
@@ -668,6 +777,72 @@ class GeneratedDataset(Dataset):
             raise DatasetError(
                 f"{bad[0]}; {len(bad)} bad file(s) in {self.root}: " + "; ".join(bad)
             )
+
+    def _checksummed_files(self) -> list[tuple[Path, str]]:
+        """``(path, sha256)`` of every shard file and of the manifest, as the card lists them."""
+        jobs: list[tuple[Path, str]] = []
+        for shard in self.card["shards"]:
+            sdir = self.root / SHARDS_DIR / _shard_name(int(shard["id"]))
+            jobs.extend((sdir / name, digest) for name, digest in shard["files"].items())
+        manifest = self.card.get("manifest")
+        if manifest:
+            jobs.append((self.root / manifest["file"], manifest["sha256"]))
+        return jobs
+
+    def verification_marker(self) -> Path:
+        """The file that records a passed :meth:`verify_cached` of this dataset version,
+        named by the card's sha256 and the shard checksums it lists."""
+        h = hashlib.sha256(self.card_digest.encode("ascii"))
+        for path, digest in self._checksummed_files():
+            h.update(f"\0{path.relative_to(self.root).as_posix()}\0{digest}".encode())
+        return self.root / f"{VERIFIED_PREFIX}{h.hexdigest()[:24]}.json"
+
+    def verify_cached(self) -> bool:
+        """:meth:`verify`, once per dataset version: skipped when this card's files were
+        verified before and none has changed since (same size, modification time and
+        inode); otherwise hashed and, when they pass, recorded in
+        :meth:`verification_marker` (written atomically; a read-only folder just stays
+        unrecorded). Returns whether the files were hashed now.
+
+        Raises :class:`DatasetError` as :meth:`verify` does.
+        """
+        if self._verified == self.card_digest:
+            return False
+        marker = self.verification_marker()
+        jobs = self._checksummed_files()
+        # stat before hashing: a file changed while it is hashed is hashed again next time
+        stats = _file_stats(self.root, [path for path, _ in jobs])
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if (
+            isinstance(recorded, dict)
+            and stats is not None
+            and recorded.get("card_sha256") == self.card_digest
+            and recorded.get("files") == stats
+        ):
+            self._verified = self.card_digest
+            return False
+        self.verify()
+        self._verified = self.card_digest
+        if stats is not None:
+            self._record_verification(marker, stats)
+        return True
+
+    def _record_verification(self, marker: Path, stats: dict[str, list[int]]) -> None:
+        record = {
+            "card_sha256": self.card_digest,
+            "files": stats,
+            "verified_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            atomic_write_json(marker, record)
+            for old in self.root.glob(f"{VERIFIED_PREFIX}*.json"):  # earlier versions'
+                if old != marker:
+                    old.unlink(missing_ok=True)
+        except OSError as exc:  # read-only or full: verified now, just not remembered
+            log.info("%s: cannot record the verification (%s); it reruns next time", marker, exc)
 
     # -- data access -------------------------------------------------------------------
     def _shard_arrays(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,10 +3,16 @@
 :func:`run_generate` is the body of ``scripts/generate.py``; it checks the whole config
 before the first frame, resumes an interrupted dataset, and can split the shards over
 several jobs of a Hydra multirun (``parallel.index`` / ``parallel.count``).
+
+Two identical commands at once do not collide: each job holds the dataset's generation
+lock (:func:`generation_lock_path`, one per ``parallel`` slice, so the jobs of a multirun
+still write side by side) while it writes, so the second waits and then finds its shards
+done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -18,11 +24,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.config import ConfigError, instantiate_checked
+from core.locks import exclusive
 from simulation.dataset import (
     CARD_FILE,
+    LOCK_PREFIX,
     DatasetWriter,
     GeneratedDataset,
     atomic_write_bytes,
+    no_space_is_clear,
     shard_ranges,
 )
 from simulation.frames import Backend
@@ -67,6 +76,26 @@ def check_positive_int(value: Any, key: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_dataset_name(name: Any) -> str:
+    """``name`` as a plain folder name: it becomes ``data/<name>`` (the default
+    ``output_dir``), so a path separator or ``..`` would write the dataset elsewhere."""
+    text = "" if name is None else str(name)
+    if not text.strip() or text == "." or any(bad in text for bad in ("/", "\\", "..", "\0")):
+        raise ConfigError(
+            f"name: expected a plain dataset name (no path separators, no '..'; it names the "
+            f"folder data/<name>), got {text!r}; choose another folder with output_dir=..."
+        )
+    return text
+
+
+def generation_lock_path(root: Path, index: int = 0, count: int = 1) -> Path:
+    """The lock a generate job holds on dataset ``root`` while it writes: one per
+    ``parallel`` slice (``.generation.lock`` for a single job), so identical commands wait
+    for each other while the jobs of one multirun write their shards side by side."""
+    suffix = "" if count == 1 else f"-{index}-of-{count}"
+    return Path(root) / f"{LOCK_PREFIX}{suffix}.lock"
+
+
 def my_shards(missing: Sequence[int], index: int, count: int) -> list[int]:
     """The missing shards job ``index`` of ``count`` parallel jobs takes (round robin)."""
     count = check_positive_int(count, "parallel.count")
@@ -102,7 +131,8 @@ def generate_shards(
     complete = not missing
     if complete and not (writer.root / CARD_FILE).exists():
         writer.finalize(taxonomy.num_classes, list(taxonomy.classes))
-        contact_sheet(GeneratedDataset(writer.root), taxonomy, writer.root / CONTACT_SHEET)
+        with no_space_is_clear(writer.root, CONTACT_SHEET):
+            contact_sheet(GeneratedDataset(writer.root), taxonomy, writer.root / CONTACT_SHEET)
     return GenerationResult(writer.root, total, seconds, complete)
 
 
@@ -156,6 +186,7 @@ def run_generate(cfg: Any) -> GenerationResult:
     """
     from omegaconf import OmegaConf
 
+    name = check_dataset_name(cfg.get("name"))
     num_frames = check_positive_int(cfg.num_frames, "num_frames")
     shard_size = check_positive_int(cfg.shard_size, "shard_size")
     seed = check_positive_int(cfg.seed, "seed", minimum=0)
@@ -192,7 +223,7 @@ def run_generate(cfg: Any) -> GenerationResult:
         "taxonomy_hash": taxonomy.hash,
     }
     card_extra = {
-        "name": str(cfg.name),
+        "name": name,
         "domain": int(domain),
         "style": style,
         "backend": backend.name,
@@ -209,10 +240,18 @@ def run_generate(cfg: Any) -> GenerationResult:
         overwrite=bool(cfg.overwrite),
     )
     try:
-        if not (writer.root / CARD_FILE).exists():
+        done = (writer.root / CARD_FILE).exists()
+        if not done:
             backend.prepare()  # e.g. reach the CARLA server before touching the folder
-        shard_ids = my_shards(writer.open(), index, count)
-        result = generate_shards(backend, writer, shard_ids, taxonomy, bool(cfg.progress))
+        # a complete dataset needs no lock (and may sit on a read-only disk)
+        lock = (
+            contextlib.nullcontext()
+            if done
+            else exclusive(generation_lock_path(writer.root, index, count), f"dataset {name}")
+        )
+        with lock:
+            shard_ids = my_shards(writer.open(), index, count)
+            result = generate_shards(backend, writer, shard_ids, taxonomy, bool(cfg.progress))
     finally:
         backend.close()
     if result.frames:

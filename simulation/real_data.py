@@ -19,10 +19,19 @@ Every item is a Sample (see DESIGN.md)::
 Files are discovered (and every label checked to exist) at construction, in sorted
 order, so a bad dataset fails before training starts and ``Subset(ds, indices)`` means
 the same frames on every machine. Decoding happens in ``__getitem__``.
+
+Labels that give training nothing: a labelled frame whose ids all lie outside the
+taxonomy mapping (every pixel "ignore") is named in a warning when it is read, and a
+split where most of an evenly spaced sample of up to ``label_scan`` label files (32 by
+default; read at construction, labels only) is so is refused, naming its root -- the
+usual cause is labels in another id scheme (train ids, colour images). Images beyond
+PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused naming the
+file and the limit.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Iterable, Sequence
@@ -34,7 +43,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from simulation.taxonomy import Taxonomy
+from simulation.taxonomy import IGNORE_INDEX, Taxonomy
+
+log = logging.getLogger(__name__)
 
 #: Value of a Sample's ``domain`` for real data (0 is simulated).
 REAL_DOMAIN = 1
@@ -59,6 +70,9 @@ CAMVID_LAYOUT = "<root>/<split>/<name>.png and <root>/<split>annot/<name>.png"
 # Errors PIL raises for unreadable files: UnidentifiedImageError and truncation are
 # OSErrors; some decoders report broken streams as SyntaxError or ValueError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+#: Label files read at construction to catch a split whose labels map to nothing.
+LABEL_SCAN = 32
 
 
 class RealDataError(ValueError):
@@ -86,6 +100,15 @@ def _check_dir(path: Path, layout: str) -> None:
         raise RealDataError(f"{path}: folder not found; expected the layout {layout}")
 
 
+def _bomb_error(path: Path, err: Exception, what: str) -> RealDataError:
+    limit = Image.MAX_IMAGE_PIXELS
+    shown = f"{2 * limit} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS = {limit})" if limit else "?"
+    return RealDataError(
+        f"{path}: {what} is too large to decode safely ({err}); the limit is {shown}. "
+        "Downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
+    )
+
+
 def _open_image(path: Path, exif_transpose: bool = False) -> Image.Image:
     """Decode ``path`` fully into an RGB image (any PIL mode in, RGB out)."""
     try:
@@ -94,6 +117,8 @@ def _open_image(path: Path, exif_transpose: bool = False) -> Image.Image:
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(path, err, "image") from None
     except _DECODE_ERRORS as err:
         raise RealDataError(
             f"{path}: cannot read image ({type(err).__name__}: {err}); expected a readable "
@@ -108,6 +133,8 @@ def _open_label(path: Path) -> np.ndarray:
             img.load()
             mode = img.mode
             ids = np.array(img)  # for mode P these are the palette indices, i.e. the ids
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(path, err, "label image") from None
     except _DECODE_ERRORS as err:
         raise RealDataError(
             f"{path}: cannot read label image ({type(err).__name__}: {err}); expected an "
@@ -138,6 +165,8 @@ class RealDataset(Dataset[dict[str, Any]]):
         taxonomy: maps raw label ids to training indices; ``None`` for unlabeled data.
         source: the taxonomy mapping the labels are written in (``"cityscapes"``, ...).
         exif_transpose: rotate images by their EXIF orientation (camera photos).
+        label_scan: label files (evenly spaced) read now to refuse a split whose labels
+            are mostly outside the mapping; 0 skips the scan.
     """
 
     def __init__(
@@ -149,6 +178,7 @@ class RealDataset(Dataset[dict[str, Any]]):
         taxonomy: Taxonomy | None = None,
         source: str | None = None,
         exif_transpose: bool = False,
+        label_scan: int = LABEL_SCAN,
     ) -> None:
         self.root = root
         self.size = size
@@ -158,6 +188,58 @@ class RealDataset(Dataset[dict[str, Any]]):
         self._items = items
         self._exif_transpose = exif_transpose
         self.ids: list[str] = [img.relative_to(root).as_posix() for img, _ in items]
+        # label files already named in a warning (per process: DataLoader workers each warn)
+        self._warned: set[Path] = set()
+        if taxonomy is not None and source is not None:
+            self._usable = taxonomy.lut(source) != IGNORE_INDEX  # (256,) raw id -> any class
+            self.scan_labels(_check_count(label_scan, "label_scan"))
+
+    def _no_usable_pixel(self, ids: np.ndarray) -> bool:
+        return not bool(self._usable[ids.astype(np.uint8, copy=False)].any())
+
+    def _warn_unusable(self, path: Path) -> None:
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        log.warning(
+            "%s: label has no pixel of any taxonomy class (every id is outside the %r mapping "
+            "or unlabelled), so this frame trains as all-ignore",
+            path,
+            self.source,
+        )
+
+    def scan_labels(self, count: int = LABEL_SCAN) -> tuple[int, int]:
+        """Read up to ``count`` evenly spaced label files (labels only, no images) and
+        refuse the split when most of them have no usable pixel.
+
+        Returns ``(unusable, scanned)``. Files that fail to decode are left to
+        ``__getitem__``, which names them. Raises :class:`RealDataError` naming the root.
+        """
+        labelled = [label for _, label in self._items if label is not None]
+        if not count or not labelled:
+            return 0, 0
+        picks = np.unique(np.linspace(0, len(labelled) - 1, min(count, len(labelled))).round())
+        unusable: list[Path] = []
+        scanned = 0
+        for i in picks.astype(int):
+            path = labelled[i]
+            try:
+                ids = _open_label(path)
+            except RealDataError:
+                continue
+            scanned += 1
+            if self._no_usable_pixel(ids):
+                unusable.append(path)
+                self._warn_unusable(path)
+        if scanned and 2 * len(unusable) > scanned:
+            raise RealDataError(
+                f"{self.root}: {len(unusable)} of {scanned} sampled label files have no pixel "
+                f"of any taxonomy class (all ids outside the {self.source!r} mapping), e.g. "
+                f"{unusable[0]}; training would see almost only 'ignore'. Check that the "
+                f"labels hold {self.source} label ids (not train ids or colour images) and "
+                "that the taxonomy maps them"
+            )
+        return len(unusable), scanned
 
     def __len__(self) -> int:
         return len(self._items)
@@ -193,6 +275,8 @@ class RealDataset(Dataset[dict[str, Any]]):
                 f"{image_size[0]}x{image_size[1]}; expected the same size"
             )
         mapped = self.taxonomy.convert(ids, self.source).astype(np.uint8, copy=False)
+        if not (mapped != IGNORE_INDEX).any():
+            self._warn_unusable(path)
         height, width = self.size
         if mapped.shape != (height, width):
             # NEAREST only: any interpolation would invent ids between two classes.
@@ -206,6 +290,12 @@ class RealDataset(Dataset[dict[str, Any]]):
             f"{type(self).__name__}(root={str(self.root)!r}, n={len(self)}, "
             f"size={self.size}, group={self.group!r})"
         )
+
+
+def _check_count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{key}: expected a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def _check_labelled(taxonomy: Taxonomy, source: str) -> None:
@@ -232,9 +322,11 @@ class CityscapesDataset(RealDataset):
         taxonomy: the project taxonomy; must define a ``cityscapes`` mapping.
         size: ``(height, width)`` in pixels of every returned image and mask.
         group: condition slice stored in every Sample.
+        label_scan: label files sampled at construction (see :meth:`RealDataset.scan_labels`).
 
     Raises:
-        RealDataError: a missing folder, an image without its label file, or no images.
+        RealDataError: a missing folder, an image without its label file, no images, or
+            labels that mostly map to no class.
         ValueError: a bad ``size`` or ``group``.
 
     Example:
@@ -253,6 +345,7 @@ class CityscapesDataset(RealDataset):
         taxonomy: Taxonomy,
         size: Sequence[int],
         group: str = "unknown",
+        label_scan: int = LABEL_SCAN,
     ) -> None:
         root = Path(root)
         hw = _check_size(size)
@@ -281,7 +374,9 @@ class CityscapesDataset(RealDataset):
                     f"{CITYSCAPES_LAYOUT}"
                 )
             items.append((img, label))
-        super().__init__(root, hw, _check_group(group), items, taxonomy, "cityscapes")
+        super().__init__(
+            root, hw, _check_group(group), items, taxonomy, "cityscapes", label_scan=label_scan
+        )
 
 
 class CamVidDataset(RealDataset):
@@ -296,9 +391,11 @@ class CamVidDataset(RealDataset):
         taxonomy: the project taxonomy; must define a ``camvid`` mapping.
         size: ``(height, width)`` in pixels of every returned image and mask.
         group: condition slice stored in every Sample.
+        label_scan: label files sampled at construction (see :meth:`RealDataset.scan_labels`).
 
     Raises:
-        RealDataError: a missing folder, an image without its label file, or no images.
+        RealDataError: a missing folder, an image without its label file, no images, or
+            labels that mostly map to no class.
         ValueError: a bad ``size`` or ``group``.
     """
 
@@ -309,6 +406,7 @@ class CamVidDataset(RealDataset):
         taxonomy: Taxonomy,
         size: Sequence[int],
         group: str = "unknown",
+        label_scan: int = LABEL_SCAN,
     ) -> None:
         root = Path(root)
         hw = _check_size(size)
@@ -334,7 +432,9 @@ class CamVidDataset(RealDataset):
                     f"{CAMVID_LAYOUT}"
                 )
             items.append((img, label))
-        super().__init__(root, hw, _check_group(group), items, taxonomy, "camvid")
+        super().__init__(
+            root, hw, _check_group(group), items, taxonomy, "camvid", label_scan=label_scan
+        )
 
 
 class ImageFolderDataset(RealDataset):
@@ -432,6 +532,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "KINDS",
     "LABEL_MODES",
+    "LABEL_SCAN",
     "REAL_DOMAIN",
     "CamVidDataset",
     "CityscapesDataset",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -661,3 +662,64 @@ def test_empty_unlabeled_real_folder_is_refused_before_work(smoke_run):
     with pytest.raises(ConfigError, match=r"data.datasets.real_unlabeled: .*no images"):
         run_train(smoke_config(tmp, "adaptation=cyclegan", f"paths.output={tmp / 'bad8'}", node))
     assert not (tmp / "bad8" / "runs").exists()
+
+
+def _cityscapes_fixture(root: Path, frames: int = 6) -> Path:
+    """A tiny Cityscapes layout (leftImg8bit + gtFine labelIds) for train and val: road
+    below, sky above, a car band; every frame of the default condition group 'unknown'."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(frames):
+            name = f"city_{i:06d}_000019"
+            img = root / "leftImg8bit" / split / "city" / f"{name}_leftImg8bit.png"
+            lab = root / "gtFine" / split / "city" / f"{name}_gtFine_labelIds.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            lab.parent.mkdir(parents=True, exist_ok=True)
+            labels = np.full((32, 64), 23, np.uint8)  # sky
+            labels[16:] = 7  # road
+            labels[12:20, 20:40] = 26  # car
+            image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(img)
+            Image.fromarray(labels).save(lab)
+    return root
+
+
+def test_a_real_dataset_without_condition_groups_trains_and_evaluates(smoke_run):
+    """data=cityscapes used to stop at the first validation batch (the reader's group
+    'unknown' was not among the sim cards' groups) and was then retried as transient."""
+    tmp, _ = smoke_run
+    real = _cityscapes_fixture(tmp / "cityscapes")
+    out = tmp / "cityscapes_run"
+    cfg = smoke_config(
+        tmp,
+        "data=cityscapes",
+        f"data.real_root={real}",
+        f"data.datasets.sim_train.root={split_root(tmp, 'sim_train')}",
+        f"data.datasets.sim_val.root={split_root(tmp, 'sim_val')}",
+        "data.image.height=64",
+        "data.image.width=128",
+        "data.loader.batch_size=10",
+        "data.loader.batches_per_epoch=2",
+        "data.loader.val_batch_size=4",
+        "stages.source_only.max_epochs=1",
+        "stages.finetune.real_fraction=1.0",
+        "log_model=false",
+        "retries=0",
+        f"paths.output={out}",
+    )
+    results = run_train(cfg)
+    metrics = results["finetune"].metrics
+    assert 0.0 <= metrics["test/real/miou"] <= 1.0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    logged = client.get_run(results["finetune"].run_id).data.metrics
+    assert "val/real/unknown/miou" in logged  # the real split's own group
+
+
+def test_a_later_stage_that_cannot_run_stops_the_run_before_the_first_trains(smoke_run):
+    tmp, _ = smoke_run
+    out = tmp / "late"
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.real_fraction=0.0 leaves no real"):
+        run_train(smoke_config(tmp, "stages.finetune.real_fraction=0.0", f"paths.output={out}"))
+    assert not (out / "runs").exists()  # source_only did not train first

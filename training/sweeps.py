@@ -25,6 +25,13 @@ sweep, with every problem in one message, when
   or pass them to ``SweepChecks``. :func:`check_randomization`, listed there, refuses a
   preset name given to ``data.generate.randomization`` (the preset is ``randomization=``).
 
+Once every check passed, the callables of ``before_jobs`` run (with the config, in the
+launching process, before the launcher starts a job): the work that the jobs would otherwise
+all do at once, e.g. creating the local MLflow store
+(:func:`training.tracking_server.prepare_tracking_store`). A refused sweep runs none of
+them, so it leaves nothing behind. The refusal message has the credentials of any URI in it
+removed (:func:`training.tracking.redact_uri`).
+
 What Hydra 1.3 does by itself (hydra-core 1.3.8): an unknown key swept on the command line
 fails in the basic sweeper's ``validate_batch_is_legal`` -- before the first job, but after
 the sweep folder and its ``multirun.yaml`` exist, with ``Key 'x' is not in struct`` and no
@@ -90,12 +97,18 @@ class SweepConfigError(ConfigError):
 class SweepChecks(Callback):
     """Refuse a bad ``-m`` sweep before the sweeper, the launcher or any job starts."""
 
-    def __init__(self, extra_checks: Iterable[Callable[[DictConfig], Any] | str] = ()) -> None:
-        self.extra_checks = [_callable(c) for c in extra_checks or ()]
+    def __init__(
+        self,
+        extra_checks: Iterable[Callable[[DictConfig], Any] | str] = (),
+        before_jobs: Iterable[Callable[[DictConfig], Any] | str] = (),
+    ) -> None:
+        self.extra_checks = [_callable(c, "extra_checks") for c in extra_checks or ()]
+        self.before_jobs = [_callable(c, "before_jobs") for c in before_jobs or ()]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_sweep(config, self.extra_checks)
+            prepare_sweep(config, self.before_jobs)
         except SweepConfigError as exc:
             # Hydra 1.3 catches an Exception raised by a callback and only warns: exit here.
             raise SystemExit(f"Error: {exc}") from None
@@ -115,23 +128,51 @@ def check_sweep(
         try:
             check(config)
         except Exception as exc:  # any failure refuses the sweep
-            name = getattr(check, "__qualname__", None) or repr(check)
-            problems.append(f"{name}: {exc}")
+            problems.append(f"{_name(check)}: {exc}")
     if problems:
         raise SweepConfigError(
-            "the sweep was refused before any job started:\n"
-            + "\n".join(f"  - {p}" for p in problems)
+            _redact(
+                "the sweep was refused before any job started:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
         )
 
 
-def _callable(check: Callable[[DictConfig], Any] | str) -> Callable[[DictConfig], Any]:
+def prepare_sweep(config: DictConfig, before_jobs: Sequence[Callable[[DictConfig], Any]]) -> None:
+    """Run each of ``before_jobs`` with ``config``, after :func:`check_sweep` passed; the
+    first failure stops the sweep (raises :class:`SweepConfigError` naming it)."""
+    for step in before_jobs:
+        try:
+            step(config)
+        except Exception as exc:
+            raise SweepConfigError(
+                _redact(f"the sweep was stopped before any job started: {_name(step)}: {exc}")
+            ) from None
+
+
+def _name(check: Callable[..., Any]) -> str:
+    """A check's name in a message (the function of a ``_partial_`` node)."""
+    func = getattr(check, "func", check)  # functools.partial
+    return getattr(func, "__qualname__", None) or repr(check)
+
+
+def _redact(message: str) -> str:
+    """``message`` without the credentials of any URI in it (an override echoed back)."""
+    from training.tracking import redact_uri
+
+    return redact_uri(message, "***@")
+
+
+def _callable(
+    check: Callable[[DictConfig], Any] | str, where: str = "extra_checks"
+) -> Callable[[DictConfig], Any]:
     if isinstance(check, str):
         from hydra.utils import get_method
 
         return get_method(check)
     if not callable(check):
         raise SweepConfigError(
-            f"hydra.callbacks.sweep_checks.extra_checks: {check!r} is not "
+            f"hydra.callbacks.sweep_checks.{where}: {check!r} is not "
             "callable (a dotted function name or a _partial_ node)"
         )
     return check

@@ -12,10 +12,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 # MLflow's limits on a parameter's key and value.
 _MAX_KEY, _MAX_VALUE = 250, 6000
@@ -36,6 +38,62 @@ def tracking_uri(
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+#: Where the lock that serializes creating a local SQLite store lies, next to the database.
+STORE_LOCK = Path("locks") / "mlflow-store.lock"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of ``sqlite:///relative.db`` / ``sqlite:////absolute.db``; None for
+    an in-memory database or another scheme."""
+    scheme, sep, rest = str(uri).partition(":")
+    if not sep or scheme.lower() != "sqlite" or not rest.startswith("//"):
+        return None
+    path = unquote(rest[2:].split("?", 1)[0])
+    path = path[1:] if path.startswith("/") else path  # sqlite:/// + the path
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def store_lock(uri: str) -> Path | None:
+    """The lock file of :func:`create_store` for ``uri``: ``locks/mlflow-store.lock`` in the
+    database's folder (``<paths.output>/locks/`` for the default store); None when ``uri``
+    is no SQLite file."""
+    path = sqlite_path(uri)
+    return None if path is None else path.resolve().parent / STORE_LOCK
+
+
+def create_store(uri: str) -> Path | None:
+    """Create and migrate the local SQLite store of ``uri`` once, under a lock.
+
+    MLflow creates a store's tables (and runs its schema migrations) in whichever process
+    opens an empty database first, with no lock of its own: two runs (or the jobs of a
+    parallel sweep) that start on a fresh output folder at once both migrate it and one fails
+    with ``sqlite3.OperationalError: table _alembic_tmp_experiments already exists`` (or
+    ``duplicate column name``). Here the first caller creates the store while holding
+    :data:`STORE_LOCK` (:func:`core.locks.exclusive`); the others wait, then find it complete.
+    Call it before anything else opens the store (an ``MlflowClient``, Lightning's
+    ``MLFlowLogger``). Other schemes (a server, another database) are left alone. Returns the
+    lock file, or None when there was nothing to create.
+    """
+    lock = store_lock(uri)
+    if lock is None:
+        return None
+    from core.locks import exclusive
+
+    with exclusive(lock, "the MLflow tracking store"):
+        open_store(uri)
+    return lock
+
+
+def open_store(uri: str) -> None:
+    """Open the store of ``uri`` the way training does (creating and migrating an empty
+    SQLite database), without a lock: :func:`create_store` is the call to make."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments(max_results=1)
 
 
 def artifact_location(output_dir: str | os.PathLike[str], uri: str) -> str | None:
@@ -70,17 +128,33 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+#: The userinfo of a URI (``user:password@`` or ``token@``): after ``scheme://``, up to the
+#: last ``@`` before the path, query or fragment (a password may contain an ``@``).
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+
+
+def redact_uri(text: str, mask: str = "") -> str:
+    """``text`` with the userinfo of every URI in it replaced by ``mask``: the project's one
+    redaction of URIs (configs, messages, the URIs MLflow reports). With the default
+    ``mask`` the credentials go entirely (``http://host``); ``mask="***@"`` keeps a trace
+    that there were some (``http://***@host``)."""
+    return _USERINFO.sub(mask, text)
+
+
+def uri_has_userinfo(uri: str) -> bool:
+    """Whether ``uri`` (or any URI in the text) carries ``user[:password]@``."""
+    return bool(_USERINFO.search(str(uri)))
+
+
 def redact(config: Any) -> Any:
     """A copy of a plain config with ``user:password@`` removed from every URI in it, so
     a tracking server's credentials never reach MLflow parameters or ``config.yaml``."""
-    import re
-
     if isinstance(config, Mapping):
         return {k: redact(v) for k, v in config.items()}
-    if isinstance(config, list):
+    if isinstance(config, list | tuple):
         return [redact(v) for v in config]
     if isinstance(config, str):
-        return re.sub(r"(?<=://)[^/@\s]+@", "", config)
+        return redact_uri(config)
     return config
 
 

@@ -15,6 +15,16 @@ inside the first stage -- after the datasets were generated -- as a long stall a
 * ``sqlite:`` / ``file:`` / a plain path: the folder of the store can be created and written.
 * anything else (``databricks``, ``postgresql`` straight to a database, plugins): not checked.
 
+Credentials come from the environment only (``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, or a whole ``MLFLOW_TRACKING_URI``):
+a ``tracking.uri`` with ``user:password@`` is refused (:func:`check_config_credentials`), by
+:class:`TrackingChecks` before Hydra writes the run folder's ``.hydra/*.yaml``, and again by
+:func:`check_tracking`. No message, and no exception chained under one, shows a URI's
+credentials (:func:`training.tracking.redact_uri`).
+
+:func:`check_tracking_config` also creates the local SQLite store once, under a lock
+(:func:`training.tracking.create_store`), before any job or MLflow client opens it.
+
 See ``docs/remote-tracking.md``.
 """
 
@@ -28,12 +38,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from hydra.experimental.callback import Callback
+
 from core.config import ConfigError
 
 #: The REST call of the check: cheap, read-only, and served only by a tracking server.
 PROBE = "/api/2.0/mlflow/experiments/search"
 ENV = "MLFLOW_TRACKING_URI"
 DOCS = "docs/remote-tracking.md"
+KEY = "tracking.uri"
+#: MLflow prints "View run ... at: <server URL>" when a run ends, the URL built from the
+#: tracking URI with its credentials: set to true while the URI carries some.
+QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def tracking_source(configured: str | None = None) -> str:
@@ -48,24 +64,126 @@ def tracking_source(configured: str | None = None) -> str:
 
 
 def check_tracking(
-    output_dir: str | os.PathLike[str], configured: str | None = None, timeout_s: float = 5.0
+    output_dir: str | os.PathLike[str],
+    configured: str | None = None,
+    timeout_s: float = 5.0,
+    create: bool = False,
 ) -> str:
-    """Resolve the tracking URI as training will (:func:`training.tracking.tracking_uri`), check
-    it with :func:`check_reachable` and return it."""
-    from training.tracking import tracking_uri
+    """Resolve the tracking URI as training will (:func:`training.tracking.tracking_uri`),
+    refuse credentials in ``configured`` (``tracking.uri``), check the URI with
+    :func:`check_reachable` and return it. With ``create``, a local SQLite store is then
+    created and migrated once, under its lock (:func:`training.tracking.create_store`)."""
+    from training.tracking import create_store, tracking_uri, uri_has_userinfo
 
     source = tracking_source(configured)
+    if source == KEY:
+        refuse_credentials(str(configured), KEY)
     uri = tracking_uri(output_dir, configured, create=False)
+    if uri_has_userinfo(uri):  # MLFLOW_TRACKING_URI with credentials: MLflow must not print it
+        os.environ[QUIET_URLS] = "true"
     check_reachable(uri, timeout_s=timeout_s, source=source)
+    if create:
+        create_store(uri)
     return uri
 
 
-def check_tracking_config(config: Any, timeout_s: float = 5.0) -> str:
+def check_tracking_config(config: Any, timeout_s: float = 5.0, create: bool = True) -> str:
     """:func:`check_tracking` for a composed training config (``paths.output``,
-    ``tracking.uri``): the call for the start of ``run_train`` and, as one of
-    ``hydra.callbacks.sweep_checks.extra_checks``, before a sweep's first job."""
+    ``tracking.uri``): the call for the start of ``run_train`` (which also creates the local
+    store, ``create``) and, with ``create=False`` as one of
+    ``hydra.callbacks.sweep_checks.extra_checks``, before a sweep's first job (the sweep's
+    ``before_jobs`` then creates the store: :func:`prepare_tracking_store`)."""
     tracking = config.get("tracking") or {}
-    return check_tracking(config.paths.output, tracking.get("uri"), timeout_s=timeout_s)
+    return check_tracking(
+        config.paths.output, tracking.get("uri"), timeout_s=timeout_s, create=create
+    )
+
+
+def prepare_tracking_store(config: Any) -> str | None:
+    """Create the local SQLite store of a composed config once, under its lock
+    (:func:`training.tracking.create_store`): listed in
+    ``hydra.callbacks.sweep_checks.before_jobs``, it runs in the launching process after every
+    check passed and before the launcher starts the jobs, which would otherwise all create
+    it at once on a fresh output folder. Returns the URI (None for a server)."""
+    from training.tracking import create_store, tracking_uri
+
+    tracking = config.get("tracking") or {}
+    uri = tracking_uri(config.paths.output, tracking.get("uri"), create=False)
+    return uri if create_store(uri) is not None else None
+
+
+# ------------------------------------------------------------------------------ credentials
+def refuse_credentials(uri: str, key: str = KEY) -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``uri`` carries ``user[:password]@``: a
+    config value is written to disk (Hydra's ``.hydra/*.yaml``, MLflow parameters) and shown
+    on the console; the message shows the URI redacted."""
+    from training.tracking import redact_uri, uri_has_userinfo
+
+    if not uri_has_userinfo(uri):
+        return
+    raise ConfigError(
+        f"{key}: {redact_uri(uri, '***@')} carries credentials (user:password@ in the URI). "
+        f"A config value is written to disk (the run folder's .hydra/*.yaml, MLflow "
+        f"parameters) and shown on the console, so {key} must not hold a secret: remove it "
+        "from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+        "MLFLOW_TRACKING_TOKEN) in the environment -- or, for a URI that has to carry its "
+        f"password (a database), give the whole URI in {ENV} instead; see {DOCS}."
+    )
+
+
+def check_config_credentials(config: Any) -> None:
+    """:func:`refuse_credentials` for every value ``tracking.uri`` may take in a composed
+    config (with its ``hydra`` node): the config's value (resolved where it resolves), each
+    command-line override of it (every value of a sweep: ``tracking.uri=a,b``, left out of
+    the primary config) and an entry of ``hydra.sweeper.params``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    values: list[str] = []
+    tracking = OmegaConf.select(config, "tracking", throw_on_resolution_failure=False)
+    if isinstance(tracking, DictConfig):
+        node = tracking._get_node("uri", validate_access=False)
+        raw = None if node is None else node._value()
+        if isinstance(raw, str):  # as written (an interpolation stays ${...})
+            values.append(raw)
+        resolved = OmegaConf.select(config, KEY, throw_on_resolution_failure=False)
+        if resolved:  # what the job would use (None where it does not resolve here)
+            values.append(str(resolved))
+    overrides = OmegaConf.select(config, "hydra.overrides.task", default=None)
+    for line in OmegaConf.to_container(overrides, resolve=False) if overrides else []:
+        key, _, value = str(line).partition("=")
+        if key.strip().lstrip("+~") == KEY:  # tracking.uri=, +tracking.uri=, ++tracking.uri=
+            values.append(value)
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    if params is not None:
+        value = OmegaConf.to_container(params, resolve=False).get(KEY)
+        if value is not None:
+            values.append(str(value))
+    for value in values:
+        refuse_credentials(value, KEY)
+
+
+class TrackingChecks(Callback):
+    """Refuse a ``tracking.uri`` with credentials before Hydra writes anything.
+
+    Hydra writes the run folder's ``.hydra/config.yaml``, ``hydra.yaml`` and
+    ``overrides.yaml`` (and a sweep's ``multirun.yaml``) after ``on_run_start`` /
+    ``on_multirun_start``; registered in ``hydra.callbacks`` (``configs/train.yaml``, which
+    ``pipeline.yaml`` composes, and ``configs/monitor.yaml``), this callback stops the launch
+    there. Hydra 1.3 turns an exception raised by a callback into a warning, so it exits
+    with ``SystemExit`` and the (redacted) message."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: Any) -> None:
+        try:
+            check_config_credentials(config)
+        except ConfigError as exc:
+            raise SystemExit(f"Error: {exc}") from None
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0, source: str = "tracking.uri") -> None:
@@ -104,10 +222,16 @@ def _check_server(uri: str, timeout_s: float, source: str) -> None:
         )
     except MlflowException as exc:
         elapsed = time.monotonic() - started
+        failure = _failure(exc, timeout_s, elapsed)
+    else:
+        failure = None
+    if failure is not None:
+        # not chained: MLflow's message ("API request to <url> failed ...") and the requests
+        # errors under it show the URI with its credentials, and Hydra prints the chain
         raise ConfigError(
             f"{source}: the MLflow tracking server {shown} did not answer "
-            f"({_failure(exc, timeout_s, elapsed)}). {_advice(source, uri)}"
-        ) from exc
+            f"({failure}). {_advice(source, uri)}"
+        ) from None
     status = response.status_code
     if status == 200 and _is_json_object(response):
         return
@@ -222,23 +346,16 @@ def _is_json_object(response: Any) -> bool:
 
 
 def _redact(text: str) -> str:
-    from training.tracking import redact
+    from training.tracking import redact_uri
 
-    return redact(text)
+    return redact_uri(text)
 
 
 # ------------------------------------------------------------------------------ local
 def _sqlite_path(uri: str) -> Path | None:
-    """The database file of ``sqlite:///relative.db`` / ``sqlite:////absolute.db``; None for
-    an in-memory database."""
-    rest = uri.split(":", 1)[1]
-    if not rest.startswith("//"):
-        return None
-    path = unquote(rest[2:].split("?", 1)[0])
-    path = path[1:] if path.startswith("/") else path  # sqlite:/// + the path
-    if not path or path == ":memory:":
-        return None
-    return Path(path)
+    from training.tracking import sqlite_path
+
+    return sqlite_path(uri)
 
 
 def _file_path(uri: str) -> Path:

@@ -25,6 +25,15 @@ tracking URI. The model is exported with ``torch.export``, and the loaded module
 :func:`training.tracking.log_model`) whose ``eval()`` raises ``NotImplementedError`` (the mode
 is baked in at export time), which is why :func:`per_image_scores` feeds one image at a time.
 
+Loading never unpickles (risk: a tampered registry model running code). ``mlflow.pytorch.
+load_model`` loads a ``data/model.pth`` with the full unpickler (MLflow allows pickles by
+default), and ``torch.export.load`` itself unpickles pickled records, ``eval`` s shape
+expressions and ``exec`` s guards of a crafted ``.pt2``. :meth:`ModelRegistry.load` (the only
+way :meth:`ModelRegistry.compare`, ``scripts/monitor.py`` and the retraining trigger get a
+model) goes through :func:`load_exported_model`: ``data/model.pt2`` only, no pickle in the
+folder, every archive record raw tensors, JSON or plain-tensor sample inputs
+(:func:`check_exported_archive`), or :class:`UnsafeModelError` naming model, version and file.
+
 The stored state is plain MLflow metadata, readable in the UI:
 
 - aliases ``champion`` and ``challenger`` on the registered model;
@@ -43,11 +52,17 @@ promotion and rollback from one place (one CI job, one operator) at a time.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
+import pickletools
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +85,11 @@ _MAX_HISTORY = 200
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot proceed (no challenger, no previous champion...)."""
+
+
+class UnsafeModelError(RegistryError):
+    """A registered model whose artifacts could run code when loaded (a pickle, a missing or
+    tampered exported program): refused before anything is deserialized."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +270,238 @@ def per_image_scores(
                 scores.update(logits[i : i + 1], masks[i : i + 1])
                 out.append(scores.compute()[metric])
     return np.asarray(out, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- safe loading
+#: The exported program MLflow 3 logs for our models (``training.tracking.log_model``),
+#: relative to the downloaded model folder.
+EXPORTED_PROGRAM = "data/model.pt2"
+#: Files that are (or usually are) pickles: their presence means a tampered or foreign model.
+PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".joblib", ".dill", ".ckpt")
+# Records of a .pt2 archive (paths below its root folder) that torch reads as plain text.
+_PT2_TEXT = (
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+)
+# Globals a torch.save of plain tensors names (the sample inputs of the program).
+_SAFE_PICKLE_GLOBALS = re.compile(
+    r"torch\._utils _rebuild_tensor_v2|torch\._utils _rebuild_parameter|"
+    r"collections OrderedDict|torch [A-Z][A-Za-z0-9]*Storage|torch device|"
+    r"torch (?:float|bfloat|int|uint|bool|complex)[0-9a-z_]*"
+)
+# torch.export's deserializer hands every shape expression to sympy.sympify, which eval()s
+# it: only symbols, numbers, operators and these function names may appear.
+_SYMPY_NAMES = frozenset(
+    {"Symbol", "Integer", "Rational", "Float", "True", "False", "oo", "positive", "integer"}
+    | {"nonnegative", "negative", "real", "finite", "Max", "Min", "Abs", "Eq", "Ne", "Lt"}
+    | {"Le", "Gt", "Ge", "And", "Or", "Not", "Pow", "Mul", "Add"}
+)
+_SYM_TOKEN = re.compile(
+    r"\s*(?:(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<str>'[a-z]+\d+')"
+    r"|(?P<name>[A-Za-z][A-Za-z0-9_]*)|(?P<op>\*\*|//|==|!=|<=|>=|[-+*/%(),<>=]))"
+)
+_SYMBOL_NAME = re.compile(r"[a-z]+\d+")
+
+
+def _sympy_function_names() -> frozenset[str]:
+    import torch.utils._sympy.functions as functions
+
+    return _SYMPY_NAMES | frozenset(getattr(functions, "__all__", ()))
+
+
+def _safe_expression(expr: str, names: frozenset[str]) -> bool:
+    """Whether ``expr`` is a shape expression (symbols, numbers, arithmetic, sympy's and
+    torch's shape functions) and nothing that sympify's eval could turn into a call."""
+    pos = 0
+    while pos < len(expr):
+        match = _SYM_TOKEN.match(expr, pos)
+        if match is None or match.end() == pos:
+            return expr[pos:].strip() == ""
+        name = match.group("name")
+        if name is not None and name not in names and not _SYMBOL_NAME.fullmatch(name):
+            return False
+        pos = match.end()
+    return True
+
+
+def _unsafe_json(node: Any, names: frozenset[str], path: str = "") -> str | None:
+    """The JSON path of the first shape expression or guard that would run code, or None."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "guards_code" and value:
+                return where  # exec()ed as Python by ExportedProgram.module()
+            if key == "expr_str" and not (
+                isinstance(value, str) and _safe_expression(value, names)
+            ):
+                return where
+            found = _unsafe_json(value, names, where)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _unsafe_json(value, names, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _check_plain_tensor_pickle(content: bytes) -> str | None:
+    """Why a ``torch.save`` archive is not plain tensors (None when it is): every pickle in
+    it may name only tensor-rebuilding globals, and ``torch.load(weights_only=True)`` must
+    accept it -- so torch's own load of it never falls back to the full unpickler."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as inner:
+            pickles = [n for n in inner.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+            if len(pickles) != 1:
+                return "not a torch.save archive with one data.pkl"
+            for op, arg, _ in pickletools.genops(inner.read(pickles[0])):
+                if op.name in ("STACK_GLOBAL", "INST", "OBJ"):
+                    return f"pickle opcode {op.name}"
+                if op.name == "GLOBAL" and not _SAFE_PICKLE_GLOBALS.fullmatch(str(arg)):
+                    return f"pickle global {arg!r}"
+        torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except Exception as err:  # a bad zip, a bad pickle, refused by weights_only
+        return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    return None
+
+
+def check_exported_archive(data: bytes, where: str) -> None:
+    """Refuse a ``.pt2`` archive that ``torch.export.load(...).module()`` could not load
+    without running code from it.
+
+    ``torch.export.load`` unpickles pickled weights, constants and the sample inputs with
+    the full unpickler, ``pickle.loads`` opaque constants, ``dlopen`` s AOTInductor
+    libraries, ``sympify`` s (``eval``) every shape expression, and ``.module()``
+    ``exec`` s the program's guards. What :func:`training.tracking.log_model` writes has
+    none of that: raw tensor bytes, JSON, and sample inputs that are plain tensors. So every
+    record must be one of those; anything else is refused by name.
+
+    Args:
+        data: the archive's bytes (checked and loaded from the same bytes: no file can be
+            swapped in between).
+        where: what the archive is, for the message (``model 'x' version 3: data/model.pt2``).
+
+    Raises:
+        UnsafeModelError: naming the offending record.
+    """
+
+    def refuse(record: str, why: str) -> UnsafeModelError:
+        return UnsafeModelError(
+            f"{where}: refusing to load the exported program: record '{record}' {why}. "
+            "Registered models are loaded only from an archive of raw tensors and JSON, as "
+            "training.tracking.log_model writes it; this one was altered or made otherwise."
+        )
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise UnsafeModelError(
+            f"{where}: refusing to load: not a torch.export archive (not a zip file)"
+        ) from None
+    with archive:
+        files = [i.filename for i in archive.infolist() if not i.is_dir()]
+        roots = {name.split("/", 1)[0] for name in files}
+        if len(roots) != 1 or any("/" not in name for name in files):
+            raise UnsafeModelError(f"{where}: refusing to load: not a torch.export archive")
+        root = roots.pop() + "/"
+        records = {name[len(root) :]: name for name in files}
+        if "archive_format" not in records:
+            raise refuse("archive_format", "is missing")
+        if archive.read(records["archive_format"]).strip() != b"pt2":
+            raise refuse("archive_format", "is not 'pt2'")
+        allowed = set(_PT2_TEXT)
+        names = _sympy_function_names()
+        for rel, full in records.items():
+            kind, _, leaf = rel.rpartition("/")
+            is_config = kind in ("data/weights", "data/constants") and leaf.endswith("_config.json")
+            if (kind == "models" and leaf.endswith(".json")) or is_config:
+                try:
+                    parsed = json.loads(archive.read(full))
+                except ValueError:
+                    raise refuse(rel, "is not JSON") from None
+                allowed.add(rel)
+                if kind == "models":
+                    bad = _unsafe_json(parsed, names)
+                    if bad:
+                        raise refuse(rel, f"holds code at '{bad}' (a guard or shape expression)")
+                    allowed.add(f"data/sample_inputs/{leaf[: -len('.json')]}.pt")
+                    continue
+                config = parsed.get("config") if isinstance(parsed, Mapping) else None
+                if not isinstance(config, Mapping):
+                    raise refuse(rel, "is not a payload config")
+                prefix = "weight_" if kind == "data/weights" else "tensor_"
+                for fqn, meta in config.items():
+                    path_name = meta.get("path_name") if isinstance(meta, Mapping) else None
+                    if not isinstance(meta, Mapping) or meta.get("use_pickle") is not False:
+                        raise refuse(rel, f"stores '{fqn}' as a pickle")
+                    if not (
+                        isinstance(path_name, str)
+                        and path_name.startswith(prefix)
+                        and "/" not in path_name
+                    ):
+                        raise refuse(rel, f"stores '{fqn}' as {path_name!r}, not a raw tensor")
+                    allowed.add(f"{kind}/{path_name}")
+        for rel, full in records.items():
+            if rel not in allowed:
+                raise refuse(rel, "is not part of a plain exported program (code or pickle)")
+            if rel.startswith("data/sample_inputs/"):
+                why = _check_plain_tensor_pickle(archive.read(full))
+                if why:
+                    raise refuse(rel, f"is not plain tensors ({why})")
+
+
+def load_exported_model(path: str | os.PathLike[str], where: str) -> nn.Module:
+    """The module of a downloaded MLflow model folder, from its exported program only.
+
+    ``mlflow.pytorch.load_model`` would load a ``data/model.pth`` with the full unpickler
+    (MLflow allows pickles by default), and ``torch.export.load`` alone runs pickles and
+    code that a crafted ``.pt2`` carries. Here the folder must hold ``data/model.pt2`` and no
+    pickle; the archive is checked by :func:`check_exported_archive` and only then loaded
+    with ``torch.export.load(...).module()`` from the very bytes that were checked.
+
+    Args:
+        path: the downloaded model folder (with ``MLmodel`` and ``data/``).
+        where: what it is, for messages, e.g. ``"model 'sim2real-segmenter' version 3"``.
+
+    Raises:
+        UnsafeModelError: a pickle in the folder, no ``data/model.pt2``, or an archive that
+            would run code; the message names ``where`` and the file.
+        RegistryError: the archive passed the checks but torch could not load it.
+    """
+    root = Path(path)
+    pickles = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
+    )
+    if pickles:
+        raise UnsafeModelError(
+            f"{where}: refusing to load {', '.join(pickles)}: a pickle can run arbitrary code "
+            f"when loaded. Registered models are loaded only from the exported program "
+            f"{EXPORTED_PROGRAM} (torch.export); re-log the model with "
+            "training.tracking.log_model and register it again."
+        )
+    program = root / EXPORTED_PROGRAM
+    if not program.is_file():
+        present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        raise UnsafeModelError(
+            f"{where}: {EXPORTED_PROGRAM} not found (the model holds: "
+            f"{', '.join(present) or 'nothing'}). Registered models are loaded only from the "
+            "exported program that training.tracking.log_model writes."
+        )
+    data = program.read_bytes()
+    check_exported_archive(data, f"{where}: {EXPORTED_PROGRAM}")
+    try:
+        return torch.export.load(io.BytesIO(data)).module()
+    except Exception as err:
+        raise RegistryError(
+            f"{where}: {EXPORTED_PROGRAM} is not a loadable exported program: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _now() -> str:
@@ -483,7 +735,14 @@ class ModelRegistry:
         """The PyTorch model of an alias (``"champion"``) or a version number.
 
         The artifacts are downloaded through this registry's tracking URI (not the
-        process-wide one), then loaded with ``mlflow.pytorch.load_model``.
+        process-wide one) into a private temporary folder, and the model is built only from
+        the exported program ``data/model.pt2`` by :func:`load_exported_model`: never through
+        ``mlflow.pytorch.load_model``, which unpickles a ``model.pth`` in full.
+
+        Raises:
+            UnsafeModelError: the version's artifacts hold a pickle (``.pth``, ``.pkl``...),
+                lack ``data/model.pt2``, or the archive holds anything that would run code
+                on load; the message names the model, the version and the file.
         """
         import mlflow
 
@@ -493,7 +752,7 @@ class ModelRegistry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
             )
-            return mlflow.pytorch.load_model(local)
+            return load_exported_model(local, f"model '{self.name}' version {version}")
 
     def compare(
         self,
@@ -573,7 +832,10 @@ __all__ = [
     "Comparison",
     "ModelRegistry",
     "RegistryError",
+    "UnsafeModelError",
+    "check_exported_archive",
     "compare_scores",
+    "load_exported_model",
     "paired_bootstrap_ci",
     "per_image_scores",
 ]

@@ -1,12 +1,13 @@
 """Data for a run: generated splits made when missing, dataset nodes built and checked,
-class pixel counts from the cards, and T-10 screening of the training sets."""
+the shard checksums of the training sets verified (once per dataset version), class pixel
+counts from the cards, and T-10 screening of the training sets."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,58 @@ def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, An
             out[role] = factory(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"data.datasets.{role}: {exc}") from exc
+    return out
+
+
+#: The roles stages train on; their generated datasets' checksums are verified before training.
+TRAINING_ROLES = ("sim_train", "real_train", "real_unlabeled")
+
+
+def verify_training_datasets(
+    datasets: Mapping[str, Any], roles: Iterable[str] = TRAINING_ROLES
+) -> dict[str, bool]:
+    """Recompute the shard checksums of the generated training sets, so a corrupted shard
+    stops the run before any training instead of training silently.
+
+    Only :class:`~simulation.dataset.GeneratedDataset` values of ``roles`` have checksums
+    (real readers, ``None`` and evaluation splits are skipped). A dataset is hashed once
+    per version: :meth:`~simulation.dataset.GeneratedDataset.verify_cached` records a pass
+    in a marker file inside the dataset folder, named by the card's sha256 and the shard
+    checksums, and reruns only compare file sizes and modification times; a folder used
+    under two roles is hashed once.
+
+    Returns ``{role: hashed now}`` for the roles checked. Raises :class:`ConfigError`
+    ``data.datasets.<role>: <file> (corrupted ...)`` naming every bad file.
+    """
+    from simulation.dataset import DatasetError, GeneratedDataset
+
+    checked: dict[tuple[str, str], bool] = {}
+    out: dict[str, bool] = {}
+    for role in roles:
+        ds = datasets.get(role)
+        if not isinstance(ds, GeneratedDataset):
+            continue
+        key = (str(ds.root.resolve()), ds.card_digest)
+        if key in checked:
+            out[role] = False
+            continue
+        start = time.perf_counter()
+        try:
+            hashed = ds.verify_cached()
+        except DatasetError as exc:
+            raise ConfigError(
+                f"data.datasets.{role}: {exc}. The dataset is damaged: regenerate it (delete "
+                "the bad shard folders and card.json, then rerun the generate command, which "
+                "renders the missing shards again) or copy it again"
+            ) from None
+        if hashed:
+            log.info(
+                "data.datasets.%s: shard checksums of %s verified in %.1f s",
+                role,
+                ds.root,
+                time.perf_counter() - start,
+            )
+        checked[key] = out[role] = hashed
     return out
 
 

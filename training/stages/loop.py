@@ -34,7 +34,13 @@ from training.stages.data import (
     wait_for_datasets,
 )
 from training.stages.plan import Plan, make_plan
-from training.stages.segmenter import Recipe, StageResult, build_model, train_segmenter
+from training.stages.segmenter import (
+    Recipe,
+    StageResult,
+    build_model,
+    build_stage,
+    train_segmenter,
+)
 from training.stages.specs import StageSpec, tracking_spec, world_size
 from training.stages.store import StageStore
 
@@ -129,6 +135,8 @@ def _run(
     datasets = build_datasets(cfg.data.datasets, taxonomy)
     for component in plan.pixel:
         component.plugin.check(plan.run, env, datasets)
+    for spec in plan.stages:  # every stage built once, so none stops after another trained
+        build_stage(recipe, spec, taxonomy, datasets, None, plan.objectives_for(spec.name))
     env.datasets = datasets
     env.screening = Screening(bool(risk is not None and cfg.risk.screening))
 

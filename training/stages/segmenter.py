@@ -84,6 +84,25 @@ class Recipe:
     output: Path
 
 
+def condition_groups(datasets: Any) -> list[str]:
+    """Every condition group the datasets hold: a generated set's card lists them, a real
+    reader has one (``group``, ``unknown`` by default); wrappers (subsets, screened sets)
+    are looked through. Per-group metrics then cover exactly the groups each split has."""
+    found: set[str] = set()
+    for ds in datasets:
+        while ds is not None:
+            card = getattr(ds, "card", None)
+            if isinstance(card, Mapping) and card.get("groups"):
+                found.update(card["groups"])
+                break
+            group = getattr(ds, "group", None)
+            if isinstance(group, str) and group:
+                found.add(group)
+                break
+            ds = getattr(ds, "dataset", None)
+    return sorted(found)
+
+
 def build_model(recipe: Recipe, num_classes: int) -> Any:
     """A task model with its initial weights drawn from the run's seed: the same seed
     gives the same model, whatever ran in the process before."""
@@ -92,6 +111,66 @@ def build_model(recipe: Recipe, num_classes: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         return recipe.make_model(num_classes=num_classes)
+
+
+def build_stage(
+    recipe: Recipe,
+    spec: StageSpec,
+    taxonomy: Any,
+    datasets: Mapping[str, Any],
+    init: Path | None,
+    objectives: Sequence[Any] = (),
+) -> tuple[Any, Any, list[Any]]:
+    """The stage's data module, task (model, loss, objectives) and callbacks, everything
+    checked: what :func:`train_segmenter` fits, and what the loop builds for every stage
+    before the first one trains, so a stage that cannot run stops the run before any work
+    (``init`` is None then: the weights it starts from do not exist yet)."""
+    from core.weights import load_checkpoint_weights
+    from training.datamodule import SimRealDataModule
+    from training.losses import SegmentationLoss, class_weights_from_histogram
+    from training.task import SegmentationTask
+
+    loader = dict(recipe.loader)
+    if spec.batches_per_epoch:
+        loader["batches_per_epoch"] = spec.batches_per_epoch
+    dm = SimRealDataModule(
+        **{role: datasets.get(role) for role in ROLES},
+        sim_ratio=spec.sim_ratio,
+        real_fraction=spec.real_fraction,
+        seed=recipe.seed,
+        augment=recipe.augment,
+        stage_name=spec.name,
+        **loader,
+    )
+    model = build_model(recipe, taxonomy.num_classes)
+    if init is not None:
+        load_checkpoint_weights(model, init, key=f"stages.{spec.name}.init")
+    counts = class_pixel_counts(datasets, spec.sim_ratio, list(taxonomy.classes))
+    weights = class_weights_from_histogram(counts, method=recipe.class_weighting)
+    loss = SegmentationLoss(taxonomy.num_classes, weights, label_smoothing=recipe.label_smoothing)
+    groups = condition_groups(datasets.values())
+    has_unlabeled = any(datasets.get(r) is not None for r in ("real_unlabeled", "real_train"))
+    info = ModelInfo(
+        feature_channels=int(model.feature_channels),
+        num_classes=taxonomy.num_classes,
+        unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
+        seed=recipe.seed,
+    )
+    task = SegmentationTask(
+        model,
+        loss,
+        taxonomy.classes,
+        taxonomy.palette(),
+        recipe.make_optimizer,
+        warmup_fraction=recipe.warmup_fraction,
+        groups=groups or None,
+        val_names=dm.val_names,
+        test_names=dm.test_names,
+        objectives={c.name: c.plugin.objective(info) for c in objectives},
+    )
+    callbacks = [cb for c in objectives for cb in c.plugin.callbacks()]
+
+    return dm, task, callbacks
 
 
 def train_segmenter(
@@ -121,59 +200,7 @@ def train_segmenter(
     if screening is not None:
         datasets, figures = screening(datasets)
 
-    # --- everything checked before the first step
-    from core.weights import load_checkpoint_weights
-    from training.datamodule import SimRealDataModule
-    from training.losses import SegmentationLoss, class_weights_from_histogram
-    from training.task import SegmentationTask
-
-    loader = dict(recipe.loader)
-    if spec.batches_per_epoch:
-        loader["batches_per_epoch"] = spec.batches_per_epoch
-    dm = SimRealDataModule(
-        **{role: datasets.get(role) for role in ROLES},
-        sim_ratio=spec.sim_ratio,
-        real_fraction=spec.real_fraction,
-        seed=recipe.seed,
-        augment=recipe.augment,
-        stage_name=spec.name,
-        **loader,
-    )
-    model = build_model(recipe, taxonomy.num_classes)
-    if init is not None:
-        load_checkpoint_weights(model, init, key=f"stages.{spec.name}.init")
-    counts = class_pixel_counts(datasets, spec.sim_ratio, list(taxonomy.classes))
-    weights = class_weights_from_histogram(counts, method=recipe.class_weighting)
-    loss = SegmentationLoss(taxonomy.num_classes, weights, label_smoothing=recipe.label_smoothing)
-    groups = sorted(
-        {
-            g
-            for ds in datasets.values()
-            if ds is not None
-            for g in (getattr(ds, "card", None) or {}).get("groups", {})
-        }
-    )
-    has_unlabeled = any(datasets.get(r) is not None for r in ("real_unlabeled", "real_train"))
-    info = ModelInfo(
-        feature_channels=int(model.feature_channels),
-        num_classes=taxonomy.num_classes,
-        unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
-        seed=recipe.seed,
-    )
-    task = SegmentationTask(
-        model,
-        loss,
-        taxonomy.classes,
-        taxonomy.palette(),
-        recipe.make_optimizer,
-        warmup_fraction=recipe.warmup_fraction,
-        groups=groups or None,
-        val_names=dm.val_names,
-        test_names=dm.test_names,
-        objectives={c.name: c.plugin.objective(info) for c in objectives},
-    )
-    callbacks = [cb for c in objectives for cb in c.plugin.callbacks()]
-
+    dm, task, callbacks = build_stage(recipe, spec, taxonomy, datasets, init, objectives)
     with store.open(spec.name, digest) as run:
         if run.fresh:
             _describe(run, recipe, spec, dm, datasets)
