@@ -105,9 +105,10 @@ CARD_KEYS = (
 )
 #: The card's checksum of itself (see :func:`card_checksum`).
 CARD_CHECKSUM_KEY = "card_sha256"
-#: Files a dataset folder keeps across ``overwrite``: generation locks must never be
-#: deleted while another process may hold them (it would lock a file nobody else opens).
+#: Prefix of the generation locks, which a dataset folder keeps across ``overwrite``: a
+#: lock file deleted while another process holds it would lock a file nobody else opens.
 LOCK_PREFIX = ".generation"
+#: Prefix of the markers of passed verifications (:meth:`GeneratedDataset.verify_cached`).
 VERIFIED_PREFIX = ".verified-"
 _TMP_SHARD_PREFIX = ".tmp-"
 # Memory maps keep a duplicated file descriptor each, so a dataset with thousands of

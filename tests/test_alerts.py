@@ -458,3 +458,240 @@ def test_from_config_accepts_omegaconf(tmp_path):
     cfg = OmegaConf.load(ALERTS)
     assert len(rules_from_config(cfg)) == 7
     assert isinstance(AlertManager.from_config(cfg, tmp_path), AlertManager)
+
+
+# --------------------------------------------------------------------------- deadlines
+
+DEADLINE = 1.0  # seconds: the notifiers' total deadline in these tests
+MARGIN = 1.0  # what a loaded 2-core machine may add (thread start, logging, the grace)
+
+
+class _TrickleHandler(BaseHTTPRequestHandler):
+    """Answers a POST slowly: the status line and headers (mode "body") or the status line
+    alone (mode "headers") at once, then one byte every 0.5 s -- each read of the client
+    gets data well within a 5 s per-read timeout, so only a total deadline ends it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append(self.path)
+        if self.server.mode == "headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            rest = b"X-Slow: " + b"a" * 200 + b"\r\n\r\nok"
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            rest = b"o" * 200
+        self.wfile.flush()
+        for byte in rest:
+            if self.server.stop.wait(0.5):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client shut the connection down: it gave up
+                self.server.hung_up.append(time.monotonic())
+                return
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(params=["body", "headers"])
+def trickle_server(request) -> Iterator[HTTPServer]:
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    server.mode = request.param
+    server.received, server.hung_up = [], []
+    server.stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _alert_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("alert-") and t.is_alive()]
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_trickling_webhook_is_cut_at_its_total_deadline(
+    rules, trickle_server, monkeypatch, tmp_path, caplog
+):
+    """The reported hang: headers, then a byte every so often, held the first alert for
+    minutes. Now the whole request has one deadline; the call returns within it, the
+    failure is recorded and logged without the URL, and the worker thread ends too."""
+    port = trickle_server.server_address[1]
+    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{port}/services/T000/SECRET")
+    jsonl = JsonlNotifier(tmp_path / "alerts.jsonl")
+    hook = WebhookNotifier(timeout_s=DEADLINE)
+    manager = AlertManager(rules, {"slack": [hook]}, always=[LogNotifier(), jsonl])
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="training.risk.alerts"):
+        alerts = manager.process({"risk/T-06/latency_p95_ms": 250.0})
+    elapsed = time.monotonic() - start
+    assert alerts[0].fired
+    assert trickle_server.received == ["/services/T000/SECRET"]  # it did reach the server
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + MARGIN
+    (failure,) = manager.failures
+    assert (failure.notifier, failure.rule) == ("webhook", "inference_latency_exceeded")
+    assert failure.error.startswith("DeadlineExceeded") and "deadline" in failure.error
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("notifier webhook" in w and "deadline" in w for w in warnings), warnings
+    assert "SECRET" not in caplog.text and "SECRET" not in failure.error
+    # the local channels still recorded the alert
+    assert len((tmp_path / "alerts.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+    # the connection was shut down at the deadline: no thread is left hanging on it
+    assert _wait_until(lambda: not _alert_threads(), 3.0), _alert_threads()
+    assert _wait_until(lambda: trickle_server.hung_up, 3.0)
+
+
+def test_a_slow_webhook_does_not_hold_back_a_fast_one(
+    rules, trickle_server, webhook_server, monkeypatch
+):
+    monkeypatch.setenv("SLOW_HOOK", f"http://127.0.0.1:{trickle_server.server_address[1]}/s")
+    monkeypatch.setenv("FAST_HOOK", f"http://127.0.0.1:{webhook_server.server_address[1]}/f")
+    slow = WebhookNotifier("SLOW_HOOK", timeout_s=DEADLINE)
+    fast = WebhookNotifier("FAST_HOOK", timeout_s=DEADLINE)
+    manager = AlertManager(rules, {"slack": [slow, fast]}, always=[])
+    start = time.monotonic()
+    manager.process({"risk/T-01/accuracy": 0.5})
+    assert time.monotonic() - start < DEADLINE + MARGIN
+    assert [f.notifier for f in manager.failures] == ["webhook"]  # the slow one
+    ((path, _, body),) = webhook_server.received
+    assert path == "/f"
+    assert json.loads(body)["text"].startswith("[T-01] model accuracy drop")
+
+
+def test_several_alerts_to_a_hung_notifier_cost_one_deadline(rules, trickle_server, monkeypatch):
+    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{trickle_server.server_address[1]}/h")
+    manager = AlertManager(rules, {"slack": [WebhookNotifier(timeout_s=DEADLINE)]}, always=[])
+    start = time.monotonic()
+    alerts = manager.process({"risk/T-02/psi": 0.3})  # two rules fire
+    assert time.monotonic() - start < DEADLINE + MARGIN
+    assert [a.fired for a in alerts] == [True, True]
+    assert [f.rule for f in manager.failures] == ["data_drift_detected", "data_drift_severe"]
+    assert "skipped" in manager.failures[1].error
+
+
+class _TrickleSmtp(socketserver.StreamRequestHandler):
+    """An SMTP server that sends its greeting one byte every 0.5 s."""
+
+    def handle(self) -> None:
+        for byte in b"220 " + b"x" * 100 + b"\r\n":
+            if self.server.stop.wait(0.5):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+            except OSError:
+                return
+
+
+def test_trickling_smtp_server_is_cut_at_its_total_deadline(rules):
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _TrickleSmtp)
+    server.daemon_threads = True
+    server.stop = threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        smtp = SmtpNotifier(
+            "127.0.0.1", server.server_address[1], "a@localhost", ["b@localhost"], timeout_s=1
+        )
+        manager = AlertManager(rules, {"email": [smtp]}, always=[])
+        start = time.monotonic()
+        manager.process({"risk/O-01/daily_cost_ratio": 1.5})
+        assert time.monotonic() - start < DEADLINE + MARGIN
+        (failure,) = manager.failures
+        assert failure.notifier == "smtp" and failure.error.startswith("DeadlineExceeded")
+        assert _wait_until(lambda: not _alert_threads(), 3.0), _alert_threads()
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+class _Hung:
+    """A third-party notifier whose send blocks until released: only the manager's
+    deadline can bound it."""
+
+    name = "pager"
+    enabled = True
+    timeout_s = 0.5
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sent = []
+
+    def send(self, alert) -> None:
+        self.release.wait()
+        self.sent.append(alert.rule.name)
+
+
+def test_any_notifier_is_bounded_and_a_stuck_one_is_not_piled_on(rules, tmp_path):
+    hung = _Hung()
+    jsonl = JsonlNotifier(tmp_path / "alerts.jsonl")
+    manager = AlertManager(rules, {"slack": [hung]}, always=[jsonl])
+    try:
+        start = time.monotonic()
+        manager.process({"risk/T-05/job_failed": 1})
+        assert time.monotonic() - start < hung.timeout_s + MARGIN
+        assert [f.notifier for f in manager.failures] == ["pager"]
+        # still stuck: the next call skips it at once, without another thread behind it
+        start = time.monotonic()
+        manager.process({"risk/T-05/job_failed": 1})
+        assert time.monotonic() - start < MARGIN
+        assert "still busy" in manager.failures[1].error
+        assert len([t for t in _alert_threads() if t.name.startswith("alert-pager")]) == 1
+        assert len((tmp_path / "alerts.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    finally:
+        hung.release.set()
+    assert _wait_until(lambda: not _alert_threads(), 3.0)
+    manager.process({"risk/T-05/job_failed": 1})  # released: delivers again
+    assert hung.sent[-1] == "training_job_failed" and len(manager.failures) == 2
+
+
+def test_a_hung_send_does_not_hold_up_the_end_of_the_process(tmp_path):
+    """A send that never returns is abandoned in a daemon thread: the process exits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import threading, time\n"
+        "from training.risk.alerts import AlertManager, load_rules\n"
+        "class Hung:\n"
+        "    name, enabled, timeout_s = 'pager', True, 0.5\n"
+        "    def send(self, alert):\n"
+        "        threading.Event().wait()\n"
+        f"manager = AlertManager(load_rules({str(ALERTS)!r}), {{'slack': [Hung()]}}, always=[])\n"
+        "start = time.monotonic()\n"
+        "manager.process({'risk/T-05/job_failed': 1})\n"
+        "print(round(time.monotonic() - start, 2), len(manager.failures))\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    seconds, failures = done.stdout.split()
+    assert float(seconds) < 0.5 + MARGIN and failures == "1"
+
+
+def test_timeout_must_be_positive(raw, tmp_path):
+    raw["notifiers"]["slack"][0]["timeout_s"] = 0
+    assert "notifiers.slack[0].timeout_s: expected a positive number" in _error(raw, tmp_path)
+    with pytest.raises(ValueError, match="timeout_s"):
+        WebhookNotifier(timeout_s=-1)

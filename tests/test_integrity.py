@@ -119,6 +119,23 @@ def test_read_only_dataset_is_verified_without_a_marker(sim_root: Path, monkeypa
     assert not list(sim_root.glob(".verified-*"))
 
 
+def test_generated_splits_of_a_run_are_verified_after_build_datasets(
+    tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    from tests.test_generate import train_config
+    from training.stages.data import build_datasets, ensure_procedural_datasets
+
+    cfg = train_config(tmp_path)
+    roots = ensure_procedural_datasets(cfg.data.generate, cfg.data.image, cfg.taxonomy)
+    datasets = build_datasets(cfg.data.datasets, taxonomy)
+    assert verify_training_datasets(datasets) == {"sim_train": True, "real_train": True}
+    bad = roots["real_train"] / "shards" / "000000" / "masks.npy"
+    _flip(bad, at=150)
+    datasets = build_datasets(cfg.data.datasets, taxonomy)  # the next run
+    with pytest.raises(ConfigError, match=f"^data.datasets.real_train: {bad} \\(corrupted"):
+        verify_training_datasets(datasets)
+
+
 # ---------------------------------------------------------------------- card self-checksum
 def test_card_edited_by_hand_is_detected_naming_the_card(sim_root: Path) -> None:
     card_path = sim_root / "card.json"

@@ -117,6 +117,19 @@ def test_bad_stage_settings_name_the_key(tmp_path, override, match):
         plan(tmp_path, override)
 
 
+def test_the_smoke_experiment_takes_any_model(tmp_path):
+    """smoke's small U-Net width used to leak into model=deeplab (a TypeError after the
+    data checks)."""
+    assert plan(tmp_path, "model=deeplab").digests
+    with pytest.raises(ConfigError, match=r"^model \(training.models.UNet\): .*width"):
+        plan(tmp_path, "+model.width=3")
+
+
+def _unused(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(tmp_path, override)
+
+
 def test_initial_weights_follow_the_seed_not_the_process_state(tmp_path):
     """Same seed, same model: whatever drew from torch's RNG before (issue: two runs of one
     stage in two output folders trained from different weights)."""

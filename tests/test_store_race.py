@@ -22,7 +22,7 @@ from training.tracking import STORE_LOCK, create_store, store_lock
 from training.tracking_server import check_tracking_config
 
 PROCESSES = 2
-ROUNDS = 3  # fresh stores per process start; without the lock every round failed here
+ROUNDS = 2  # fresh stores per process start (the import of mlflow is paid once)
 
 
 def _create(uris: list[str], barrier, results, locked: bool) -> None:
@@ -82,13 +82,18 @@ def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path):
 @pytest.mark.slow
 def test_without_the_lock_the_same_race_fails(tmp_path):
     """The failure the lock prevents: the same race through MLflow's own store opening.
-    A race is likely, not certain (on a loaded 2-core machine every one of 3 rounds
-    failed), so a run without one is skipped rather than failed."""
+    A race is likely, not certain (on a loaded 2-core machine every attempt here collided),
+    so a run without one is skipped rather than failed. The error varies with the moment of the
+    collision: ``sqlite3.OperationalError`` (``table experiments already exists``,
+    ``duplicate column name: step``) or alembic's ``CommandError`` (``Online migration
+    expected to match one row``)."""
     found = race(tmp_path, locked=False)
     errors = [e for errs in found.values() for e in errs if e]
     if not errors:
         pytest.skip("the processes did not collide this time")
-    assert all("OperationalError" in e for e in errors), errors
+    assert any(
+        "already exists" in e or "duplicate column" in e or "migration" in e for e in errors
+    ), errors
 
 
 def test_the_lock_lies_next_to_the_database(tmp_path):

@@ -723,3 +723,32 @@ def test_a_later_stage_that_cannot_run_stops_the_run_before_the_first_trains(smo
     with pytest.raises(ConfigError, match=r"stages\.finetune\.real_fraction=0.0 leaves no real"):
         run_train(smoke_config(tmp, "stages.finetune.real_fraction=0.0", f"paths.output={out}"))
     assert not (out / "runs").exists()  # source_only did not train first
+
+
+def test_a_stage_killed_after_testing_resumes_without_testing_twice(tmp_path, monkeypatch):
+    """Killed between fit/test and the done marker: MLflow must not show the run FINISHED,
+    and the resumed stage must not log its test figures a second time."""
+    import training.stages.monitoring as monitoring
+
+    real_assess = monitoring.assess_risk
+    calls = {"n": 0}
+
+    def killed_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the scheduler's kill, after the test ran
+        return real_assess(*args, **kwargs)
+
+    monkeypatch.setattr(monitoring, "assess_risk", killed_once)
+    overrides = ("experiment=source_only", "data=smoke", "log_model=false")
+    with pytest.raises(KeyboardInterrupt):
+        run_train(smoke_config(tmp_path, *overrides))
+    [run_dir] = list((tmp_path / "out" / "runs").iterdir())
+    run_id = (run_dir / "mlflow_run_id.txt").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "RUNNING"  # not FINISHED: not done
+    results = run_train(smoke_config(tmp_path, *overrides))
+    assert results["source_only"].run_id == run_id
+    assert len(client.get_metric_history(run_id, "test/real/miou")) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "risk/T-02/psi" in client.get_run(run_id).data.metrics  # assessed on resume

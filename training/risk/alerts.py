@@ -6,6 +6,15 @@ fired alerts to the notifiers of each rule's channels (``slack``, ``email``) and
 ``always`` notifiers (log, JSONL). A failing notifier never stops training: its failure
 is logged and kept in :attr:`AlertManager.failures` for the caller to log to MLflow.
 
+Every notifier has a total deadline, ``timeout_s`` (the whole request, not one socket
+read): the manager sends from daemon worker threads (one per notifier, its alerts in
+order) and waits for each send at most its deadline, so a slow or hung channel costs a
+``process`` call at most the largest deadline, never more; a send past its deadline is
+abandoned with a warning naming the notifier and recorded as a failure, and the
+notifier's further alerts of that call are skipped. The webhook and SMTP notifiers also
+shut their own sockets down at the deadline (a server that trickles a byte at a time
+cannot hold a thread), and daemon threads never hold up the end of the process.
+
 Secrets (webhook URL, SMTP user/password, addresses) are read from the environment, never
 from config, and never written to logs or failures.
 
@@ -18,19 +27,24 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import operator
 import os
 import smtplib
+import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from http import client as http_client
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from training.risk.register import (
     KNOWN_IDS,
@@ -51,6 +65,10 @@ OPERATORS: Mapping[str, Callable[[float, float], bool]] = {
 }
 CHANNELS: tuple[str, ...] = ("slack", "email")
 FREQUENCIES: tuple[str, ...] = ("realtime", "daily", "weekly", "monthly", "quarterly")
+#: Total deadline (seconds) of a notifier that names none (log, JSONL, a third-party one).
+DEFAULT_DEADLINE_S = 5.0
+#: Grace the manager adds to a deadline so a self-bounded notifier reports its own error.
+_GRACE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,11 @@ def evaluate(rules: Iterable[AlertRule], metrics: Mapping[str, Any]) -> list[Ale
 
 
 class Notifier(Protocol):
-    """Sends one fired alert somewhere; raises on failure (the manager catches it)."""
+    """Sends one fired alert somewhere; raises on failure (the manager catches it).
+
+    ``timeout_s`` (optional, default :data:`DEFAULT_DEADLINE_S`) is the total time one
+    ``send`` may take; the manager stops waiting for it after that.
+    """
 
     name: str
     enabled: bool
@@ -162,12 +184,122 @@ class Notifier(Protocol):
     def send(self, alert: Alert) -> None: ...
 
 
+class DeadlineExceeded(TimeoutError):
+    """A notifier did not deliver within its total deadline."""
+
+
+def _deadline(value: Any, who: str) -> float:
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{who}: timeout_s must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _shutdown(target: Any) -> None:
+    """Shut down a socket (or the current ``.sock`` of a connection): a thread blocked
+    reading or writing it returns at once."""
+    sock = getattr(target, "sock", target)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError, ValueError):  # not connected yet, or closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """Enforces one request's total deadline: when it passes, every socket and connection
+    handed to :meth:`track` is shut down, so a server that trickles bytes (each read within
+    the per-read timeout) cannot stretch the request. ``fired`` says whether it did."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._done = False
+        self._tracked: list[Any] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def track(self, target: Any) -> Any:
+        """Watch ``target`` (a socket, or an object whose ``.sock`` is one); returned as is.
+        Shut down at once if the deadline has already passed."""
+        with self._lock:
+            self._tracked.append(target)
+            fired = self.fired
+        if fired:
+            _shutdown(target)
+        return target
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            tracked = list(self._tracked)
+        for target in tracked:
+            _shutdown(target)
+
+
+def _tracked_connection(cls: type, dog: _Watchdog) -> Callable[..., Any]:
+    """An ``http.client`` connection factory whose sockets ``dog`` watches."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        conn = cls(*args, **kwargs)
+        create = getattr(conn, "_create_connection", None)  # http.client's hook, 3.11-3.13
+        if create is not None:
+            # the raw socket, watched from the moment it exists (connect, TLS handshake)
+            conn._create_connection = lambda *a, **kw: dog.track(create(*a, **kw))
+        return dog.track(conn)  # conn.sock at the deadline: the plain or the TLS socket
+
+    return make
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, dog: _Watchdog) -> None:
+        super().__init__()
+        self._dog = dog
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_tracked_connection(http_client.HTTPConnection, self._dog), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, dog: _Watchdog) -> None:
+        super().__init__()
+        self._dog = dog
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        factory = _tracked_connection(http_client.HTTPSConnection, self._dog)
+        return self.do_open(factory, req, context=self._context)
+
+
+class _SMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` whose socket (plain, then TLS after STARTTLS) a watchdog shuts."""
+
+    def __init__(self, dog: _Watchdog, timeout: float) -> None:
+        self._dog = dog
+        super().__init__(timeout=timeout)
+        dog.track(self)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self._dog.track(super()._get_socket(host, port, timeout))
+
+
 class LogNotifier:
     """Python logging, at WARNING: always available, the floor under every other channel."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, timeout_s: float = DEFAULT_DEADLINE_S
+    ) -> None:
         self.name = "log"
         self.enabled = True
+        self.timeout_s = _deadline(timeout_s, "log notifier")
         self._log = logger or log
 
     def send(self, alert: Alert) -> None:
@@ -181,9 +313,10 @@ class JsonlNotifier:
     fsynced, so a crash leaves whole lines and concurrent writers do not interleave lines.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = DEFAULT_DEADLINE_S) -> None:
         self.name = "jsonl"
         self.enabled = True
+        self.timeout_s = _deadline(timeout_s, "jsonl notifier")
         self.path = Path(path)
 
     def send(self, alert: Alert) -> None:
@@ -209,15 +342,29 @@ class WebhookNotifier:
     """Posts a Slack-compatible payload (``{"text", "blocks"}``) to a webhook URL.
 
     The URL is a secret: it is read from ``url_env`` and never logged; errors that could
-    echo it are redacted.
+    echo it (or its path and query, where the token lies) are redacted.
+
+    ``timeout_s`` bounds the whole request -- connect, send, response headers and body --
+    not each socket read: at the deadline the connection is shut down and
+    :class:`DeadlineExceeded` raised. Proxies from the environment are honoured.
     """
 
     def __init__(self, url_env: str = "SIM2REAL_SLACK_WEBHOOK_URL", timeout_s: float = 5.0) -> None:
         self.name = "webhook"
         self.url_env = url_env
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = _deadline(timeout_s, "webhook notifier")
         self._url = _env(url_env, "webhook")
         self.enabled = self._url is not None
+
+    def _redact(self, text: str) -> str:
+        if not self._url:
+            return text
+        parts = urlsplit(self._url)
+        text = text.replace(self._url, "<webhook url>")
+        for secret in (parts.path, parts.query, parts.password):
+            if secret and secret != "/":
+                text = text.replace(secret, "<redacted>")
+        return text
 
     @staticmethod
     def payload(alert: Alert) -> dict[str, Any]:
@@ -253,12 +400,19 @@ class WebhookNotifier:
             headers={"Content-Type": "application/json; charset=utf-8"},
             method="POST",
         )
-        try:
-            # urlopen raises HTTPError on 4xx/5xx, so reaching the end means delivered.
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                response.read()
-        except Exception as err:
-            raise RuntimeError(str(err).replace(self._url, "<webhook url>")) from None
+        with _Watchdog(self.timeout_s) as dog:
+            opener = urllib.request.build_opener(_HTTPHandler(dog), _HTTPSHandler(dog))
+            try:
+                # open raises HTTPError on 4xx/5xx, so reaching the end means delivered.
+                with opener.open(request, timeout=self.timeout_s) as response:
+                    response.read()
+            except Exception as err:
+                if not dog.fired:
+                    raise RuntimeError(self._redact(str(err))) from None
+            if dog.fired:  # a shut-down read may also end "normally", short
+                raise DeadlineExceeded(
+                    f"no complete response within the {self.timeout_s:g} s deadline"
+                )
 
 
 class SmtpNotifier:
@@ -266,6 +420,9 @@ class SmtpNotifier:
 
     Login happens only when ``user_env`` is given; if it (or ``password_env``) is given but
     unset in the environment, the notifier is disabled with one warning.
+
+    ``timeout_s`` bounds the whole conversation (connect, greeting, STARTTLS, login, the
+    message): at the deadline the socket is shut down and :class:`DeadlineExceeded` raised.
     """
 
     def __init__(
@@ -282,7 +439,8 @@ class SmtpNotifier:
         self.name = "smtp"
         self.host, self.port = host, int(port)
         self.sender, self.recipients = sender, list(recipients)
-        self.starttls, self.timeout_s = bool(starttls), float(timeout_s)
+        self.starttls = bool(starttls)
+        self.timeout_s = _deadline(timeout_s, "smtp notifier")
         # Credentials are optional (a local relay needs none), but a named variable that is
         # unset means a misconfigured login: disable rather than send unauthenticated.
         missing = [v for v in (user_env, password_env) if v and not os.environ.get(v)]
@@ -302,12 +460,22 @@ class SmtpNotifier:
         message["From"] = self.sender
         message["To"] = ", ".join(self.recipients)
         message.set_content(alert.message + "\n\n" + json.dumps(alert.to_dict(), indent=2))
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout_s) as smtp:
-            if self.starttls:
-                smtp.starttls()
-            if self._user is not None:
-                smtp.login(self._user, self._password or "")
-            smtp.send_message(message)
+        with _Watchdog(self.timeout_s) as dog:
+            try:
+                with _SMTP(dog, timeout=self.timeout_s) as smtp:
+                    smtp.connect(self.host, self.port)
+                    if self.starttls:
+                        smtp.starttls()
+                    if self._user is not None:
+                        smtp.login(self._user, self._password or "")
+                    smtp.send_message(message)
+            except Exception:
+                if not dog.fired:
+                    raise
+            if dog.fired:
+                raise DeadlineExceeded(
+                    f"no complete delivery within the {self.timeout_s:g} s deadline"
+                )
 
 
 # --------------------------------------------------------------------------- manager
@@ -331,9 +499,76 @@ class NotifierFailure:
         }
 
 
+class _Courier(threading.Thread):
+    """Delivers one ``process`` call's alerts to one notifier, in order, from a daemon
+    thread; each send runs in its own daemon thread and is waited for at most the
+    notifier's deadline. After a missed deadline the remaining alerts are skipped (the
+    notifier is unresponsive; the abandoned send is left to end on its own)."""
+
+    def __init__(self, notifier: Notifier, alerts: Sequence[Alert]) -> None:
+        super().__init__(name=f"alert-{notifier.name}", daemon=True)
+        self.notifier = notifier
+        self.alerts = list(alerts)
+        self.deadline = _notifier_deadline(notifier)
+        self.failures: list[tuple[NotifierFailure, bool]] = []  # (failure, timed out)
+        self.stuck: threading.Thread | None = None  # an abandoned send still running
+
+    def run(self) -> None:
+        for i, alert in enumerate(self.alerts):
+            outcome: list[BaseException] = []
+            send = threading.Thread(
+                target=self._send, args=(alert, outcome), name=self.name + "-send", daemon=True
+            )
+            send.start()
+            send.join(self.deadline + _GRACE_S)
+            timed_out = send.is_alive() or bool(
+                outcome and isinstance(outcome[0], DeadlineExceeded)
+            )
+            if timed_out:
+                if send.is_alive():  # left to end on its own; a daemon, it never blocks exit
+                    self.stuck = send
+                    why = f"no delivery within its {self.deadline:g} s deadline (send abandoned)"
+                    err: BaseException = DeadlineExceeded(why)
+                else:  # the notifier cut its own request at the deadline
+                    err = outcome[0]
+                self._fail(alert, err, timed_out=True)
+                for skipped in self.alerts[i + 1 :]:
+                    self._fail(
+                        skipped,
+                        DeadlineExceeded("skipped: missed its deadline on an earlier alert"),
+                        timed_out=True,
+                    )
+                return
+            if outcome:
+                self._fail(alert, outcome[0], timed_out=False)
+
+    def _send(self, alert: Alert, outcome: list[BaseException]) -> None:
+        try:
+            self.notifier.send(alert)
+        except BaseException as err:  # recorded by the courier; never kills a thread loudly
+            outcome.append(err)
+
+    def _fail(self, alert: Alert, err: BaseException, timed_out: bool) -> None:
+        self.failures.append((_failure(self.notifier, alert, err), timed_out))
+
+
+def _failure(notifier: Notifier, alert: Alert, err: BaseException) -> NotifierFailure:
+    return NotifierFailure(
+        notifier.name, alert.rule.name, alert.risk_id, f"{type(err).__name__}: {err}"
+    )
+
+
+def _notifier_deadline(notifier: Notifier) -> float:
+    try:
+        return _deadline(getattr(notifier, "timeout_s", DEFAULT_DEADLINE_S), notifier.name)
+    except (TypeError, ValueError):
+        return DEFAULT_DEADLINE_S
+
+
 @dataclass
 class AlertManager:
-    """Evaluates rules and dispatches fired alerts; never raises because a channel is down.
+    """Evaluates rules and dispatches fired alerts; never raises because a channel is down,
+    and never waits for a channel longer than its deadline (``timeout_s``).
 
     Args:
         rules: the alert rules.
@@ -346,6 +581,7 @@ class AlertManager:
     notifiers: Mapping[str, Sequence[Notifier]] = field(default_factory=dict)
     always: Sequence[Notifier] | None = None
     failures: list[NotifierFailure] = field(default_factory=list, init=False)
+    _stuck: dict[int, threading.Thread] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.always is None:
@@ -354,40 +590,74 @@ class AlertManager:
     def process(self, metrics: Mapping[str, Any]) -> list[Alert]:
         """Evaluate ``metrics`` and notify for every fired alert.
 
-        Returns every evaluated alert (fired or not). Delivery failures are logged and
-        appended to :attr:`failures` (cumulative; see :meth:`failures_since`).
+        Returns every evaluated alert (fired or not), once every notifier has delivered or
+        missed its deadline: the call takes at most about the largest ``timeout_s`` of the
+        notifiers involved (more only when a notifier is slow but each of several sends
+        still finishes in time). Delivery failures are logged and appended to
+        :attr:`failures` (cumulative; see :meth:`failures_since`).
         """
         alerts = evaluate(self.rules, metrics)
-        for alert in alerts:
-            if alert.fired:
-                self._dispatch(alert)
+        fired = [alert for alert in alerts if alert.fired]
+        if fired:
+            self._dispatch(fired)
         return alerts
 
     def failures_since(self, start: int) -> list[NotifierFailure]:
         """Failures recorded after the first ``start`` ones (``len(failures)`` before)."""
         return self.failures[start:]
 
-    def _dispatch(self, alert: Alert) -> None:
+    def _targets(self, alert: Alert) -> list[Notifier]:
         targets: list[Notifier] = list(self.always or [])
         for channel in alert.rule.channels:
             targets.extend(self.notifiers.get(channel, []))
-        seen: set[int] = set()
+        out, seen = [], set()
         for notifier in targets:
             # A notifier listed for two channels (or also in `always`) sends once.
             if id(notifier) in seen or not notifier.enabled:
                 continue
             seen.add(id(notifier))
-            try:
-                notifier.send(alert)
-            except Exception as err:  # any channel error: record it, keep training
-                failure = NotifierFailure(
-                    notifier.name, alert.rule.name, alert.risk_id, f"{type(err).__name__}: {err}"
+            out.append(notifier)
+        return out
+
+    def _dispatch(self, alerts: Sequence[Alert]) -> None:
+        plan: dict[int, tuple[Notifier, list[Alert]]] = {}
+        for alert in alerts:
+            for notifier in self._targets(alert):
+                plan.setdefault(id(notifier), (notifier, []))[1].append(alert)
+        couriers, results = [], []
+        for key, (notifier, queued) in plan.items():
+            stuck = self._stuck.get(key)
+            if stuck is not None and stuck.is_alive():
+                # still inside a send abandoned earlier: do not pile up threads behind it
+                busy = DeadlineExceeded(
+                    "skipped: still busy with an earlier alert past its deadline"
                 )
-                self.failures.append(failure)
+                results.extend((_failure(notifier, a, busy), True) for a in queued)
+                continue
+            self._stuck.pop(key, None)
+            courier = _Courier(notifier, queued)
+            courier.start()
+            couriers.append((key, courier))
+        for key, courier in couriers:
+            # each send is waited for at most its deadline, so this join is bounded
+            courier.join()
+            if courier.stuck is not None:
+                self._stuck[key] = courier.stuck
+            results.extend(courier.failures)
+        for failure, timed_out in results:
+            self.failures.append(failure)
+            if timed_out:
+                log.warning(
+                    "alert %s not delivered by notifier %s: %s; moving on",
+                    failure.rule,
+                    failure.notifier,
+                    failure.error,
+                )
+            else:
                 log.error(
                     "alert %s not delivered by %s: %s",
-                    alert.rule.name,
-                    notifier.name,
+                    failure.rule,
+                    failure.notifier,
                     failure.error,
                 )
 
@@ -536,6 +806,11 @@ def _notifier(entry: Any, where: str) -> Notifier | None:
         raise RiskConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
     timeout = entry.get("timeout_s", 5 if kind == "webhook" else 10)
     timeout = check_threshold(timeout, f"{where}.timeout_s")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise RiskConfigError(
+            f"{where}.timeout_s: expected a positive number of seconds (the deadline of the "
+            f"whole request), got {timeout!r}"
+        )
     if kind == "webhook":
         return WebhookNotifier(
             url_env=entry.get("url_env", "SIM2REAL_SLACK_WEBHOOK_URL"), timeout_s=timeout

@@ -31,6 +31,7 @@ from training.stages.data import (
     Screening,
     build_datasets,
     ensure_procedural_datasets,
+    verify_training_datasets,
     wait_for_datasets,
 )
 from training.stages.plan import Plan, make_plan
@@ -60,6 +61,13 @@ def check_config(cfg: Any) -> Plan:
 
     OmegaConf.resolve(cfg)
     taxonomy = instantiate_checked(cfg.taxonomy)
+    try:  # a model that cannot be built stops the run before any data is made
+        instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra wraps the model's own error: show that one
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ConfigError(f"model ({cfg.model.get('_target_')}): {cause}") from None
     return make_plan(cfg, tuple(taxonomy.classes))
 
 
@@ -133,6 +141,7 @@ def _run(
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             wait_for_datasets(gen, cfg.data.image, cfg.taxonomy)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
+    verify_training_datasets(datasets)  # shard checksums, once per dataset version
     for component in plan.pixel:
         component.plugin.check(plan.run, env, datasets)
     for spec in plan.stages:  # every stage built once, so none stops after another trained

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from adaptation.plugin import ModelInfo
 from training.stages.data import class_pixel_counts
 from training.stages.specs import StageSpec
@@ -18,6 +20,9 @@ from training.stages.store import StageRecord, StageRun, StageStore
 
 log = logging.getLogger(__name__)
 
+#: The test results of a stage, kept until its done marker: a stage killed after testing
+#: resumes without testing (and logging its test figures) twice.
+EVALUATION = "evaluation.json"
 #: The dataset roles a stage's data module reads.
 ROLES = ("sim_train", "sim_val", "real_train", "real_val", "real_test", "real_unlabeled")
 
@@ -252,29 +257,45 @@ def _fit_and_evaluate(
     screening: Mapping[str, float],
     references: Mapping[str, float] | None,
 ) -> StageResult:
+    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from training import tracking
     from training.risk.gpu import GpuMonitor
     from training.stages.monitoring import assess_risk, register_and_compare
 
-    monitor = "val/real/miou" if "real" in dm.val_names else "val/sim/miou"
-    checkpoint = ModelCheckpoint(
-        dirpath=run.checkpoint_dir, filename="best", monitor=monitor, mode="max", save_last=True
-    )
-    gpu = GpuMonitor().start() if recipe.risk is not None else None
-    try:
-        trainer = run.fit(
-            task, datamodule=dm, callbacks=[checkpoint, *callbacks], max_epochs=spec.max_epochs
+    evaluated = run.run_dir / EVALUATION
+    gpu = None
+    if evaluated.exists():  # tested in an earlier session, killed before the done marker
+        best = _restore_evaluation(task, evaluated)
+        log.info("stage %s: evaluated earlier, not tested again", spec.name)
+    else:
+        monitor = "val/real/miou" if "real" in dm.val_names else "val/sim/miou"
+        checkpoint = ModelCheckpoint(
+            dirpath=run.checkpoint_dir, filename="best", monitor=monitor, mode="max", save_last=True
         )
-    finally:
-        if gpu is not None:
-            gpu.stop()
-    best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
-    trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+        gpu = GpuMonitor().start() if recipe.risk is not None else None
+        try:
+            # dropout and any other draw during training follow the seed too; the
+            # process's own random state is put back afterwards
+            with torch.random.fork_rng():
+                torch.manual_seed(recipe.seed)
+                trainer = run.fit(
+                    task,
+                    datamodule=dm,
+                    callbacks=[checkpoint, *callbacks],
+                    max_epochs=spec.max_epochs,
+                )
+        finally:
+            if gpu is not None:
+                gpu.stop()
+        best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
+        trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+        if store.is_zero:
+            _save_evaluation(task, best, evaluated)
     metrics = {k: float(v) for k, v in task.results.items()}
-    if not trainer.is_global_zero:
-        run.logger.finalize("success")
+    if not store.is_zero:
+        run.logger.close("success")
         return StageResult(spec.name, run.run_dir, best, run.run_id, metrics)
     label = f"{store.experiment_name}/{spec.name}"
     if recipe.risk is not None:
@@ -292,7 +313,7 @@ def _fit_and_evaluate(
                 current=datasets.get("real_test") or datasets.get("real_val"),
                 metrics=metrics,
                 wall_seconds=run.wall_seconds,
-                devices=trainer.world_size,
+                devices=store.world_size,
                 gpu=gpu,
                 screening=screening,
                 references=references,
@@ -321,3 +342,34 @@ def _fit_and_evaluate(
     alerts = [] if fired == "none" else fired.split(",")
     record = run.finish({"checkpoint": str(best), "metrics": metrics, "alerts": alerts})
     return StageResult.from_record(spec.name, record)
+
+
+def _save_evaluation(task: Any, best: Path, path: Path) -> None:
+    from core.files import atomic_write_json
+
+    confusions = {
+        domain: {group: np.asarray(m).tolist() for group, m in groups.items()}
+        for domain, groups in task.test_group_confusions.items()
+    }
+    atomic_write_json(
+        path,
+        {"checkpoint": str(best), "results": task.results, "group_confusions": confusions},
+    )
+
+
+def _restore_evaluation(task: Any, path: Path) -> Path:
+    """Load what :func:`_save_evaluation` kept into ``task``; returns the best checkpoint."""
+    import json
+
+    saved = json.loads(path.read_text())
+    task.results.update({k: float(v) for k, v in saved["results"].items()})
+    task.test_group_confusions = {
+        domain: {group: np.asarray(m, dtype=np.int64) for group, m in groups.items()}
+        for domain, groups in saved["group_confusions"].items()
+    }
+    # the weights the risk monitors and the export read are the tested ones
+    from core.weights import load_checkpoint_weights
+
+    best = Path(saved["checkpoint"])
+    load_checkpoint_weights(task.model, best, key=f"{path.parent.name}/{EVALUATION}")
+    return best

@@ -147,7 +147,7 @@ class StageRun:
         """Write ``done.json`` with ``values`` (rank zero) and close the run as finished."""
         if self.store.is_zero:
             atomic_write_json(self.run_dir / DONE, {"run_id": self.run_id, **values})
-        self.logger.finalize("success")
+        self.logger.close("success")
         return StageRecord(self.kind, self.digest, self.run_dir, self.run_id, dict(values))
 
 
@@ -239,8 +239,6 @@ class StageStore:
     def _logger(
         self, kind: str, digest: str, run_dir: Path, tags: Mapping[str, str] | None
     ) -> tuple[Any, str | None]:
-        from pytorch_lightning.loggers import MLFlowLogger
-
         from training import tracking
 
         id_file = run_dir / RUN_ID
@@ -258,7 +256,7 @@ class StageStore:
             all_tags["trigger"] = spec.trigger
         if self.parent is not None and run_id is None:
             all_tags.update(self.parent.child_tags())
-        logger = MLFlowLogger(
+        logger = _stage_logger_class()(
             experiment_name=spec.experiment,
             run_name=f"{self.experiment_name}/{kind}",
             tracking_uri=spec.uri,
@@ -275,6 +273,26 @@ class StageStore:
             run.client.set_tag(run.run_id, "status", "failed")
             if self.on_failure is not None:
                 self.on_failure(run, exc)
-            run.logger.finalize("failed")
+            run.logger.close("failed")
         except Exception as report_error:  # noqa: BLE001 - the training error matters more
             log.error("could not report the failure of %s: %s", run.kind, report_error)
+
+
+def _stage_logger_class() -> type:
+    """Lightning's MLFlowLogger whose run is closed by the stage store only.
+
+    Lightning closes the logger's run (``FINISHED``) at the end of every ``fit``; a stage
+    still tests, assesses and registers after that, and one killed then must not show as
+    finished in MLflow. ``finalize`` (Lightning's call) therefore leaves the run open;
+    :meth:`close` (the store's, at the done marker or a failure) ends it.
+    """
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    class StageLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            return  # an exception is the store's to report: failed, or left to resume
+
+        def close(self, status: str) -> None:
+            MLFlowLogger.finalize(self, status)
+
+    return StageLogger
