@@ -59,6 +59,7 @@ class StageRun(Protocol):
     """One open stage of the store (see ``training.stages.store``)."""
 
     run_dir: Path
+    checkpoint_dir: Path
     run_id: str
     fresh: bool
     logger: Any

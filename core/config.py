@@ -71,9 +71,14 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+def instantiate_checked(node: Any, key: str | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising our own config errors unwrapped, so the user
-    reads the key that is wrong rather than Hydra's 'Error in call to target'."""
+    reads the key that is wrong rather than Hydra's 'Error in call to target'.
+
+    With ``key`` (where ``node`` sits, e.g. ``data.augment``), an error whose message starts
+    with one of the node's fields (``scale: expected ...``) names the full key
+    (``data.augment.scale: expected ...``) and is a :class:`ConfigError`.
+    """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -82,5 +87,17 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValueError | OSError):
-            raise cause from None
+            raise _named(cause, node, key) from None
         raise
+    except ValueError as exc:
+        raise _named(exc, node, key) from None
+
+
+def _named(error: Exception, node: Any, key: str | None) -> Exception:
+    if key is None or isinstance(error, ConfigError) or not isinstance(error, ValueError):
+        return error
+    text = str(error)
+    field = text.split(":", 1)[0]
+    if hasattr(node, "keys") and field in node:
+        return ConfigError(f"{key}.{text}")
+    return ConfigError(f"{key}: {text}")

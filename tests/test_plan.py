@@ -173,3 +173,18 @@ def test_the_dann_discriminator_follows_the_seed():
     b, c = make(0), make(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("data.augment.scale=[1.2,0.8]", r"^data.augment.scale: expected 0 < low <= high"),
+        ("data.augment.color_jitter=2", r"^data.augment.color_jitter: expected a number"),
+    ],
+)
+def test_augmentation_errors_name_the_full_key(tmp_path, override, match):
+    from training.stages.loop import make_recipe
+
+    cfg = compose_config("train", ["experiment=smoke", override])
+    with pytest.raises(ConfigError, match=match):
+        make_recipe(cfg, None, tmp_path)

@@ -211,8 +211,9 @@ def test_a_failing_server_check_chains_no_secret(monkeypatch):
 
 
 def test_an_env_uri_with_a_password_silences_mlflows_run_links(tmp_path, monkeypatch):
-    """MLflow prints "View run ... at: <the tracking URI>" when a run ends."""
-    monkeypatch.delenv(QUIET_URLS, raising=False)
+    """MLflow prints "View run ... at: <the tracking URI>" when a run ends (with a live
+    server: tests/test_tracking_server.py)."""
+    monkeypatch.setenv(QUIET_URLS, "false")  # put back (unset) after the test
     monkeypatch.setenv("MLFLOW_TRACKING_URI", URI)
     with pytest.raises(ConfigError, match="^MLFLOW_TRACKING_URI: "):
         check_tracking(tmp_path, None, timeout_s=2.0)

@@ -314,6 +314,27 @@ def test_a_live_server_passes(server, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_password_in_mlflow_tracking_uri_is_not_in_mlflows_run_links(
+    server, tmp_path, monkeypatch, capsys
+):
+    """MLflow prints "View run <name> at: <tracking URI>/#/..." when a run ends, with the
+    credentials of the URI; after the check that MLFLOW_TRACKING_URI carries some, not."""
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking_server import QUIET_URLS
+
+    monkeypatch.setenv(QUIET_URLS, "false")  # put back (unset) after the test
+    uri = server.uri.replace("http://", "http://user:pw-SECRET@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert check_tracking(tmp_path, None) == uri  # the server ignores the credentials
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("links") or client.create_experiment("links")
+    experiment_id = getattr(experiment, "experiment_id", experiment)
+    client.set_terminated(client.create_run(experiment_id).info.run_id)
+    assert "pw-SECRET" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_a_wrong_path_on_a_live_server_is_not_mlflow(server):
     message = raises_within(6.0, server.uri + "/mlflow", source="MLFLOW_TRACKING_URI")
     assert "not an MLflow tracking server" in message

@@ -288,6 +288,8 @@ class CycleGAN(pl.LightningModule):
             "arch": self.arch,
             "image_channels": self.image_channels,
             "image_size": list(self.image_size) if self.image_size else None,
+            # the image pools, so a resumed fit makes the discriminators' choices again
+            "pools": {"real": self.pool_real.state_dict(), "sim": self.pool_sim.state_dict()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -301,3 +303,7 @@ class CycleGAN(pl.LightningModule):
             )
         self.image_channels = meta["image_channels"]
         self.image_size = tuple(meta["image_size"]) if meta["image_size"] else None
+        pools = meta.get("pools")
+        if pools is not None:  # older checkpoints resume with empty pools
+            self.pool_real.load_state_dict(pools["real"])
+            self.pool_sim.load_state_dict(pools["sim"])

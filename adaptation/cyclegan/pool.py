@@ -56,3 +56,14 @@ class ImagePool:
             else:
                 out.append(image)
         return torch.stack(out)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stored images ``(n, C, H, W)`` and the generator state: what a resumed run
+        needs to make the same choices as an uninterrupted one."""
+        images = torch.stack(self.images).cpu() if self.images else torch.empty(0)
+        return {"images": images, "rng": self._rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        images = state["images"]
+        self.images = [image.clone() for image in images] if images.numel() else []
+        self._rng.set_state(state["rng"])

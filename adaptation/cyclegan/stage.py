@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,38 @@ def unlabeled_real(datasets: Mapping[str, Any]) -> Any:
     an error for the caller to report), else the real training images."""
     pool = datasets.get("real_unlabeled")
     return datasets.get("real_train") if pool is None else pool
+
+
+class StepSampler(torch.utils.data.Sampler[int]):
+    """An endless index stream: epoch ``e`` is a permutation of ``range(length)`` drawn
+    from ``(seed, e)``, and the stream starts ``start()`` indices in (read each time it is
+    iterated). A fit resumed after ``k`` batches of ``b`` images, with ``start`` giving
+    ``k * b``, sees exactly the images an uninterrupted fit would have, whatever Lightning
+    does with the epoch it restarts."""
+
+    def __init__(self, length: int, seed: int, start: Callable[[], int] = lambda: 0) -> None:
+        if length < 1:
+            raise ValueError("StepSampler: length must be >= 1")
+        self.length, self.seed, self.start = int(length), int(seed), start
+
+    def __iter__(self):
+        epoch, offset = divmod(int(self.start()), self.length)
+        while True:
+            order = torch.randperm(
+                self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
+            yield from (int(i) for i in order[offset:])
+            epoch, offset = epoch + 1, 0
+
+
+def batches_done(checkpoint: Path) -> int:
+    """Training batches behind a CycleGAN checkpoint (0 when there is none)."""
+    from adaptation.cyclegan.module import STEPS_PER_BATCH
+
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(state.get("global_step", 0)) // STEPS_PER_BATCH
 
 
 class UnpairedImages(torch.utils.data.Dataset):
@@ -423,19 +455,22 @@ class CycleGANTranslation(PixelAdaptation):
         with torch.random.fork_rng(devices=[]):  # the same seed, the same initial weights
             torch.manual_seed(run.seed)
             model = instantiate(self.model, semantic_model=segmenter, seed=run.seed)
-        loader = torch.utils.data.DataLoader(
-            UnpairedImages(sim, real, seed=run.seed),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=env.num_workers,
-            generator=torch.Generator().manual_seed(run.seed),
-        )
         n_show = min(4, len(sim), len(real))
         show_sim = sim if datasets.get("sim_val") is None else datasets["sim_val"]
         sample_sim = torch.stack([show_sim[i]["image"] for i in range(n_show)])
         sample_real = torch.stack([real[i]["image"] for i in range(n_show)])
         with env.open("cyclegan", digest) as stage:
+            pairs = UnpairedImages(sim, real, seed=run.seed)
+            last = stage.checkpoint_dir / "last.ckpt"
+            size = self.batch_size
+            loader = torch.utils.data.DataLoader(
+                pairs,
+                batch_size=size,
+                # from the batch the last checkpoint ends at, on resume and on every retry
+                sampler=StepSampler(len(pairs), run.seed, start=lambda: batches_done(last) * size),
+                drop_last=True,
+                num_workers=env.num_workers,
+            )
             if stage.fresh:
                 stage.log_params(
                     {

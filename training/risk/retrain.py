@@ -105,6 +105,11 @@ def check_champion(
         output_dir: ``paths.output`` of the retraining run.
         retrain: launch training when needed (else only record the decision).
         dry_run: record the command without running it.
+
+    Raises:
+        training.risk.registry.UnsafeModelError: the champion's artifacts are not a plain
+            exported program (a pickle, no ``data/model.pt2``, code in the archive); raised
+            by :meth:`ModelRegistry.load` before anything is deserialized or logged.
     """
     from mlflow.tracking import MlflowClient
     from torch.utils.data import DataLoader

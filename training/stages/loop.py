@@ -321,7 +321,11 @@ def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recip
         seed=int(cfg.seed),
         make_model=instantiate_checked(cfg.model, _partial_=True),
         make_optimizer=instantiate_checked(cfg.optimizer),
-        augment=instantiate_checked(cfg.data.augment) if cfg.data.get("augment") else None,
+        augment=(
+            instantiate_checked(cfg.data.augment, key="data.augment")
+            if cfg.data.get("augment")
+            else None
+        ),
         loader=dict(_plain(cfg.data.loader)),
         class_weighting=str(cfg.loss.class_weighting),
         label_smoothing=float(cfg.loss.label_smoothing),
