@@ -752,3 +752,23 @@ def test_a_stage_killed_after_testing_resumes_without_testing_twice(tmp_path, mo
     assert len(client.get_metric_history(run_id, "test/real/miou")) == 1
     assert client.get_run(run_id).info.status == "FINISHED"
     assert "risk/T-02/psi" in client.get_run(run_id).data.metrics  # assessed on resume
+
+
+def test_same_seed_same_weights_in_two_output_folders(tmp_path):
+    """The repro of 'same seed, different results': the stage folder's hash is the same in
+    both outputs, so the two trainings must end with exactly the same weights."""
+    overrides = (
+        "experiment=source_only", "data=smoke", "log_model=false", "risk.enabled=false",
+        "stages.source_only.max_epochs=1", "+stages.source_only.batches_per_epoch=4",
+    )  # fmt: skip
+    states = []
+    for out, noise in (("a", 1), ("b", 2)):
+        torch.manual_seed(noise)  # whatever the process drew before must not matter
+        torch.rand(noise * 10)
+        cfg = smoke_config(tmp_path, *overrides, f"paths.output={tmp_path / out}")
+        result = run_train(cfg)["source_only"]
+        states.append(torch.load(result.checkpoint, map_location="cpu", weights_only=True))
+    a, b = (s["state_dict"] for s in states)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

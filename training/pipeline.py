@@ -82,7 +82,10 @@ def run_pipeline(cfg: Any, overrides: list[str]) -> tuple[dict[str, dict[str, An
     from training import tracking
     from training.stages import run_train
 
+    from training.tracking_server import check_tracking_config
+
     configs = compose_methods(cfg.methods, overrides)
+    check_tracking_config(cfg)  # before the study's own MLflow client opens the store
     plain = OmegaConf.to_container(cfg, resolve=True)
     digest = pipeline_hash(plain)
     uri = tracking.tracking_uri(cfg.paths.output, cfg.tracking.uri)

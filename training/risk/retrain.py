@@ -70,7 +70,12 @@ def retrain_command(
         f"paths.output={output}",
         f"tracking.trigger='{why}'",
     ]
-    if tracking_uri:
+    from training.tracking import uri_has_userinfo
+
+    # a URI with credentials came from MLFLOW_TRACKING_URI (a config value with them is
+    # refused): the child inherits the environment, and the secret stays off the command
+    # line, the child's .hydra files and the retrain_command tag
+    if tracking_uri and not uri_has_userinfo(tracking_uri):
         cmd.append(f"tracking.uri='{tracking_uri}'")
     if registry_name:
         cmd.append(f"registry.name={registry_name}")

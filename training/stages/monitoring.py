@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from training.tracking import redact_uri
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ def job_failed(
         label,
         run_dir,
         {"risk/T-05/job_failed": 1.0},
-        {"error": repr(error)[:500]},
+        {"error": redact_uri(repr(error))[:500]},
         risk,
     )
 

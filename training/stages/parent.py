@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.hashing import content_hash
+from training.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class PipelineRun:
     def fail(self, error: BaseException) -> None:
         """Mark the parent failed with the error; never raises (the error matters more)."""
         try:
-            self.client.set_tag(self.run_id, "failure", repr(error)[:500])
+            self.client.set_tag(self.run_id, "failure", redact_uri(repr(error))[:500])
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception as report_error:  # noqa: BLE001
             log.error("could not mark pipeline run %s failed: %s", self.run_id, report_error)

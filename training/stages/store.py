@@ -32,6 +32,7 @@ from typing import Any
 from core.config import ConfigError
 from core.files import atomic_write_json, atomic_write_text
 from training.stages.specs import TrackingSpec
+from training.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class StageRun:
                     raise
                 except Exception as exc:  # transient: resume from the last checkpoint
                     if store.is_zero:
-                        self.client.set_tag(self.run_id, f"failure_{attempt}", repr(exc)[:500])
+                        failure = redact_uri(repr(exc))[:500]  # an MLflow error may hold the URI
+                        self.client.set_tag(self.run_id, f"failure_{attempt}", failure)
                     if attempt == store.retries:
                         raise
                     since = last if last.exists() else "the start"
