@@ -81,7 +81,6 @@ def run_pipeline(cfg: Any, overrides: list[str]) -> tuple[dict[str, dict[str, An
 
     from training import tracking
     from training.stages import run_train
-
     from training.tracking_server import check_tracking_config
 
     configs = compose_methods(cfg.methods, overrides)
