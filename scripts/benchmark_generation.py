@@ -22,11 +22,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from core.paths import config_dir
 from simulation.dataset import DatasetWriter
 from simulation.generation import generate_shards
 from simulation.procedural import ProceduralBackend
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = config_dir()
 
 
 def main() -> None:

@@ -25,13 +25,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from core.paths import config_dir
 from simulation.dataset import GeneratedDataset
 from training.augment import Augment
 from training.datamodule import SimRealDataModule
 from training.losses import SegmentationLoss
 from training.stages.data import ensure_procedural_datasets
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = config_dir()
 
 
 def main() -> None:

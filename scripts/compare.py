@@ -13,12 +13,13 @@ from omegaconf import DictConfig, ListConfig
 
 from core.config import ConfigError
 from core.files import atomic_write_bytes, atomic_write_text
+from core.paths import config_dir
 from training import compare
 from training.tracking import redact, tracking_uri
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare.yaml"
+CONFIG = config_dir() / "compare.yaml"
 _SAFE = re.compile(r"[A-Za-z0-9_.:=+-]+")
 
 

@@ -107,14 +107,24 @@ def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
         ("seed=-1", r"^seed: expected a whole number >= 0, got -1"),
         ("seed=0.5", r"^seed: expected a whole number >= 0"),
         ("data.loader.batch_size=0", r"data.loader.batch_size: expected a whole number >= 1"),
+        (
+            "adaptation=cyclegan adaptation.cyclegan.max_batches=0",
+            r"adaptation.cyclegan.max_batches: expected a whole number >= 1",
+        ),
+        (
+            "adaptation=cyclegan adaptation.cyclegan.guard.max_corruption=1.5",
+            r"adaptation.cyclegan.guard.max_corruption: expected a share in \[0, 1\]",
+        ),
+        ("adaptation=dann adaptation.dann.gamma=-1", r"adaptation.dann.gamma: expected"),
         ("data.loader.num_workers=-2", r"data.loader.num_workers: expected a whole number >= 0"),
         ("+stages.finetune.lr=0.1", r"stages.finetune.lr: unknown key"),
         ("stages.finetune.init=nowhere.ckpt", r"stages.finetune.init: 'nowhere.ckpt' is neither"),
     ],
 )
 def test_bad_stage_settings_name_the_key(tmp_path, override, match):
+    """Refused when the plan is made: before any data is generated or any stage trains."""
     with pytest.raises(ConfigError, match=match):
-        plan(tmp_path, override)
+        plan(tmp_path, *override.split())
 
 
 def test_the_smoke_experiment_takes_any_model(tmp_path):
@@ -123,11 +133,6 @@ def test_the_smoke_experiment_takes_any_model(tmp_path):
     assert plan(tmp_path, "model=deeplab").digests
     with pytest.raises(ConfigError, match=r"^model \(training.models.UNet\): .*width"):
         plan(tmp_path, "+model.width=3")
-
-
-def _unused(tmp_path, override, match):
-    with pytest.raises(ConfigError, match=match):
-        plan(tmp_path, override)
 
 
 def test_initial_weights_follow_the_seed_not_the_process_state(tmp_path):

@@ -11,7 +11,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from core.config import ConfigError
-from simulation.dataset import DatasetError
 from tests.conftest import compose_config
 from training.stages import run_train
 from training.tracking import dataset_digest
@@ -290,11 +289,22 @@ def test_real_fraction_leaving_no_real_images(smoke_run):
 
 def test_taxonomy_mismatch_is_refused(smoke_run):
     tmp, _ = smoke_run
-    # the generated splits were made with the other taxonomy: refused, never reused
-    with pytest.raises(DatasetError, match="generation.json.*fingerprint.taxonomy_hash"):
+    # a changed taxonomy names new generated folders (the old data is never reused); a
+    # dataset folder given by hand that was labelled with another taxonomy is refused
+    roots = [
+        f"data.datasets.{split}.root={split_root(tmp, split)}"
+        for split in ("sim_train", "sim_val", "real_train", "real_val", "real_test")
+    ]
+    changed = "taxonomy.colors.0=[1,2,3]"
+    new_roots = smoke_config(tmp, changed).data.datasets
+    assert Path(new_roots.sim_train.root) != split_root(tmp, "sim_train")
+    with pytest.raises(ConfigError, match=r"data.datasets.sim_train: .*taxonomy"):
         run_train(
-            smoke_config(tmp, "taxonomy.colors.0=[1,2,3]", "paths.output=" + str(tmp / "bad3"))
+            smoke_config(
+                tmp, changed, "data.generate=null", *roots, "paths.output=" + str(tmp / "bad3")
+            )
         )
+    assert not (tmp / "bad3" / "runs").exists()
 
 
 def test_checkpoint_of_another_architecture_is_refused(smoke_run):
