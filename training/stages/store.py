@@ -53,6 +53,22 @@ class StageRecord:
     skipped: bool = False
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed fit may succeed when retried from its last checkpoint: I/O and
+    network errors, device and runtime errors (CUDA, NCCL, out of memory), tracking-server
+    errors. A config error, a value, type, key or index error is deterministic: retrying
+    it only repeats the work (and an interrupt is the user's or the scheduler's)."""
+    if isinstance(error, ConfigError | NotImplementedError | RecursionError):
+        return False
+    if isinstance(error, OSError | RuntimeError):
+        return True
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return False
+    return isinstance(error, MlflowException)
+
+
 class StageRun:
     """One open stage: its folder, MLflow logger and run id; see the module doc."""
 
@@ -90,9 +106,9 @@ class StageRun:
         train_dataloaders: Any = None,
         **trainer_kwargs: Any,
     ) -> Any:
-        """Fit ``module``, resuming from ``checkpoints/last.ckpt`` when present; a failure
-        other than a config error or an interrupt is retried from the last checkpoint up
-        to the store's ``retries``. Returns the trainer."""
+        """Fit ``module``, resuming from ``checkpoints/last.ckpt`` when present; a
+        transient failure (:func:`is_transient`) is retried from the last checkpoint up to
+        the store's ``retries``. Returns the trainer."""
         store = self.store
         last = self.checkpoint_dir / "last.ckpt"
         started = time.perf_counter()
@@ -115,9 +131,9 @@ class StageRun:
                         weights_only=True,
                     )
                     break
-                except (KeyboardInterrupt, ConfigError):
-                    raise
-                except Exception as exc:  # transient: resume from the last checkpoint
+                except Exception as exc:
+                    if not is_transient(exc):  # a bug or a bad input fails the same again
+                        raise
                     if store.is_zero:
                         failure = redact_uri(repr(exc))[:500]  # an MLflow error may hold the URI
                         self.client.set_tag(self.run_id, f"failure_{attempt}", failure)
