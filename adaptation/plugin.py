@@ -155,12 +155,15 @@ class ModelInfo:
             none.
         seed: the run's seed: an objective draws its initial weights (a discriminator,
             a teacher) from it, so the same seed gives the same run.
+        student: the task model itself, with its initial weights (a mean teacher starts as
+            its copy); an objective must not register it as its own submodule.
     """
 
     feature_channels: int
     num_classes: int
     unlabeled: Callable[[int | None], Any] | None
     seed: int = 0
+    student: nn.Module | None = None
 
 
 @dataclass
@@ -202,6 +205,7 @@ class TaskAdaptation(abc.ABC):
     def objective(self, model: ModelInfo) -> Objective:
         """A fresh objective for one stage; checks what it needs (unlabelled images)."""
 
-    def callbacks(self) -> list[Any]:
-        """Lightning callbacks for per-step hooks (default: none)."""
+    def callbacks(self, objective: Objective) -> list[Any]:
+        """Lightning callbacks for per-step hooks of ``objective`` (the one
+        :meth:`objective` built for the stage), e.g. an EMA teacher; default: none."""
         return []

@@ -782,3 +782,26 @@ def test_same_seed_same_weights_in_two_output_folders(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_self_training_adapts_the_pretraining_stage(smoke_run):
+    tmp, plain = smoke_run
+    out = tmp / "self_training"
+    cfg = smoke_config(
+        tmp,
+        "adaptation=self_training",
+        "adaptation.self_training.mic_ratio=0.5",
+        "adaptation.self_training.threshold=0.5",
+        "stages.source_only.max_epochs=1",
+        "log_model=false",
+        f"paths.output={out}",
+    )
+    results = run_train(cfg)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    src = client.get_run(results["source_only"].run_id).data.metrics
+    for key in ("loss_mix", "loss_mic", "confidence", "confident_share", "agreement"):
+        assert f"train/self_training/{key}" in src, key
+    assert 0.0 <= src["train/self_training/agreement"] <= 1.0
+    assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
+    fin = client.get_run(results["finetune"].run_id).data.metrics
+    assert "train/self_training/loss_mix" not in fin

@@ -160,7 +160,9 @@ def build_stage(
         num_classes=taxonomy.num_classes,
         unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
         seed=recipe.seed,
+        student=model,
     )
+    built = {c.name: c.plugin.objective(info) for c in objectives}
     task = SegmentationTask(
         model,
         loss,
@@ -171,9 +173,9 @@ def build_stage(
         groups=groups or None,
         val_names=dm.val_names,
         test_names=dm.test_names,
-        objectives={c.name: c.plugin.objective(info) for c in objectives},
+        objectives=built,
     )
-    callbacks = [cb for c in objectives for cb in c.plugin.callbacks()]
+    callbacks = [cb for c in objectives for cb in c.plugin.callbacks(built[c.name])]
 
     return dm, task, callbacks
 

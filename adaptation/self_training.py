@@ -1,0 +1,291 @@
+"""Self-training with a mean teacher (DACS, Tranheden et al. 2021; DAFormer, Hoyer et al.
+2022; MIC, Hoyer et al. 2023) as a task-level plug-in.
+
+On every training step, for a batch of unlabelled real images ``x_t``:
+
+1. the **teacher** -- an exponential moving average of the student, never trained by the
+   optimizer -- predicts ``p_t = softmax(teacher(x_t))`` under ``no_grad``; its pseudo-label
+   is ``argmax p_t`` where ``max p_t >= threshold`` and 255 (ignored) elsewhere, and each
+   image weighs by its share of confident pixels (DACS / DAFormer's quality weight);
+2. **ClassMix** pastes the pixels of half the classes present in a labelled image (sim, or
+   the labelled real share) onto an unlabelled real one; the label is mixed with the same
+   mask (true labels where pasted, pseudo-labels elsewhere), and the student is trained on
+   the mix with the quality-weighted cross-entropy;
+3. **MIC** (optional): random patches of ``x_t`` are hidden from the student, which must
+   still predict the teacher's pseudo-labels of the whole image;
+4. after each optimizer step the teacher becomes ``m * teacher + (1 - m) * student`` with
+   ``m = min(momentum, 1 - 1 / (step + 1))`` (:func:`ema_momentum`, from the step alone;
+   validation never updates it).
+
+Everything random is drawn from a generator seeded by ``(seed, step)``, so a step draws
+the same masks whatever ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptation.plugin import ModelInfo, Objective, StepOutputs, TaskAdaptation
+
+IGNORE = 255
+KEY = "adaptation.self_training"
+#: Share of confident pixels of one class above which the teacher is said to collapse.
+COLLAPSE_SHARE = 0.95
+
+
+# ------------------------------------------------------------------ pure pieces
+def ema_momentum(step: int, momentum: float) -> float:
+    """The teacher's momentum at optimizer step ``step``: ``min(momentum, 1 - 1/(step+1))``
+    (DAFormer), so the first steps follow the student closely."""
+    return min(float(momentum), 1.0 - 1.0 / (int(step) + 1))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student``, parameters and float
+    buffers (BatchNorm statistics); integer buffers are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
+
+
+def pseudo_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Pseudo-labels of teacher ``logits`` ``(B, C, H, W)``.
+
+    Returns ``(labels, confidence, quality)``: labels ``(B, H, W)`` int64 with 255 where
+    the confidence is below ``threshold``; confidence ``(B, H, W)`` (max softmax); quality
+    ``(B,)`` the share of confident pixels of each image.
+    """
+    probs = logits.float().softmax(dim=1)
+    confidence, labels = probs.max(dim=1)
+    confident = confidence >= threshold
+    labels = torch.where(confident, labels, torch.full_like(labels, IGNORE))
+    return labels, confidence, confident.float().mean(dim=(1, 2))
+
+
+def classmix_masks(labels: Tensor, generator: torch.Generator) -> Tensor:
+    """``(B, H, W)`` bool masks: for each labelled map, the pixels of a random half of the
+    classes it holds (ignored pixels never pasted)."""
+    masks = torch.zeros_like(labels, dtype=torch.bool)
+    for b, label in enumerate(labels):
+        classes = torch.unique(label)
+        classes = classes[classes != IGNORE]
+        if len(classes) == 0:
+            continue
+        order = torch.randperm(len(classes), generator=generator)
+        chosen = classes[order[: (len(classes) + 1) // 2].to(classes.device)]
+        masks[b] = torch.isin(label, chosen)
+    return masks
+
+
+def classmix(
+    source: Tensor, source_labels: Tensor, target: Tensor, target_labels: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Paste ``source`` pixels where ``mask`` ``(B, H, W)`` onto ``target`` ``(B, 3, H, W)``;
+    the labels are mixed with the same mask. Returns ``(images, labels)``."""
+    m = mask.unsqueeze(1)
+    images = torch.where(m, source, target)
+    labels = torch.where(mask, source_labels, target_labels)
+    return images, labels
+
+
+def patch_mask(
+    shape: tuple[int, int, int], patch: int, ratio: float, generator: torch.Generator
+) -> Tensor:
+    """MIC's ``(B, H, W)`` keep-mask: the image cut into ``patch`` x ``patch`` cells, each
+    hidden (False) with probability ``ratio``."""
+    b, h, w = shape
+    gh, gw = -(-h // patch), -(-w // patch)
+    keep = torch.rand(b, gh, gw, generator=generator) >= ratio
+    full = keep.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    return full[:, :h, :w]
+
+
+def weighted_ce(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """Cross-entropy ``(B, C, H, W)`` vs ``(B, H, W)`` (255 ignored), each image weighted
+    by ``weights`` ``(B,)``, averaged over the batch's pixels."""
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+    return (per_pixel * weights.view(-1, 1, 1)).mean()
+
+
+# ------------------------------------------------------------------ the objective
+class SelfTrainingObjective(Objective):
+    """The self-training loss terms of one stage (module doc). Logs ``self_training/*``:
+    ``loss_mix``, ``loss_mic``, ``confidence``, ``confident_share``, ``agreement``
+    (teacher vs student on the real images), ``top_class_share`` and ``collapsed``."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        unlabeled: Any,
+        threshold: float,
+        weight: float,
+        mix: bool,
+        mic_ratio: float,
+        mic_patch: int,
+        seed: int,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        # a tuple keeps the student out of this module's registration (it is the task's)
+        self._student: tuple[nn.Module, ...] = (student,)
+        self._unlabeled, self._batches = unlabeled, None
+        self.threshold, self.weight = float(threshold), float(weight)
+        self.mix, self.mic_ratio, self.mic_patch = bool(mix), float(mic_ratio), int(mic_patch)
+        self.seed, self.num_classes = int(seed), int(num_classes)
+        #: the last step's pseudo-label class shares, for the collapse alert
+        self.class_shares = torch.zeros(self.num_classes)
+
+    def train(self, mode: bool = True) -> SelfTrainingObjective:
+        super().train(mode)
+        self.teacher.eval()  # the teacher predicts in eval mode (BatchNorm statistics)
+        return self
+
+    def forward(  # type: ignore[override]
+        self, batch: Mapping[str, Any], outputs: StepOutputs
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        device = outputs.logits.device
+        if self._batches is None:
+            self._batches = iter(self._unlabeled())
+        real = next(self._batches)["image"].to(device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + outputs.step)
+        with torch.no_grad():
+            teacher_logits, _ = self.teacher.forward_features(real)
+            labels, confidence, quality = pseudo_labels(teacher_logits, self.threshold)
+        logs: dict[str, float | Tensor] = {
+            "self_training/confidence": confidence.mean(),
+            "self_training/confident_share": quality.mean(),
+        }
+        loss = outputs.logits.sum() * 0.0
+        student_real = None
+        if self.mix:
+            source, source_labels = batch["image"], batch["mask"]
+            n = min(len(source), len(real))
+            masks = classmix_masks(source_labels[:n].cpu(), generator).to(device)
+            images, mixed = classmix(source[:n], source_labels[:n], real[:n], labels[:n], masks)
+            # pasted pixels carry true labels: weight 1 there, the quality weight elsewhere
+            mixed_logits, _ = outputs.forward_features(images)
+            per_pixel = F.cross_entropy(
+                mixed_logits.float(), mixed, ignore_index=IGNORE, reduction="none"
+            )
+            pixel_weight = torch.where(
+                masks, torch.ones_like(per_pixel), quality[:n].view(-1, 1, 1)
+            )
+            term = (per_pixel * pixel_weight).mean()
+            loss = loss + self.weight * term
+            logs["self_training/loss_mix"] = term.detach()
+        if self.mic_ratio > 0:
+            keep = patch_mask(tuple(labels.shape), self.mic_patch, self.mic_ratio, generator)
+            masked = real * keep.to(device).unsqueeze(1)
+            student_real, _ = outputs.forward_features(masked)
+            term = weighted_ce(student_real, labels, quality)
+            loss = loss + self.weight * term
+            logs["self_training/loss_mic"] = term.detach()
+        with torch.no_grad():
+            if student_real is None:
+                student_real, _ = outputs.forward_features(real)
+            agree = (student_real.argmax(1) == teacher_logits.argmax(1)).float().mean()
+            logs["self_training/agreement"] = agree
+            confident = labels[labels != IGNORE]
+            counts = torch.bincount(confident.flatten().cpu(), minlength=self.num_classes)
+            shares = counts.float() / max(int(counts.sum()), 1)
+            self.class_shares = shares
+            logs["self_training/top_class_share"] = shares.max()
+            logs["self_training/collapsed"] = float(shares.max() > COLLAPSE_SHARE)
+        return loss, logs
+
+
+def teacher_update(objective: SelfTrainingObjective, momentum: float) -> Any:
+    """A Lightning callback: the EMA update after every training batch's optimizer step
+    (validation and testing never call it)."""
+    import pytorch_lightning as pl
+
+    class TeacherUpdate(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
+            # global_step already counts this batch's optimizer step
+            m = ema_momentum(trainer.global_step - 1, momentum)
+            ema_update(objective.teacher, objective._student[0], m)
+
+    return TeacherUpdate()
+
+
+class SelfTraining(TaskAdaptation):
+    """Mean-teacher self-training (module doc) for the listed stages.
+
+    Args:
+        stages: the stages that add the self-training terms.
+        momentum: EMA momentum of the teacher, in [0, 1).
+        threshold: pseudo-label confidence threshold, in (0, 1).
+        weight: weight of each self-training term.
+        mix: ClassMix cross-domain mixing on (a labelled image pasted on a real one).
+        mic_ratio: share of patches MIC hides from the student, in [0, 1] (0: MIC off).
+        mic_patch: MIC's patch size, pixels.
+        unlabeled_batch_size: unlabelled real images per step; None: the labelled batch.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[str],
+        momentum: float = 0.999,
+        threshold: float = 0.968,
+        weight: float = 1.0,
+        mix: bool = True,
+        mic_ratio: float = 0.0,
+        mic_patch: int = 16,
+        unlabeled_batch_size: int | None = None,
+    ) -> None:
+        from core.config import check_number
+
+        self.stages = list(stages)
+        self.momentum = check_number(f"{KEY}.momentum", momentum, low=0, high=1, high_open=True)
+        self.threshold = check_number(
+            f"{KEY}.threshold", threshold, low=0, high=1, low_open=True, high_open=True
+        )
+        self.weight = check_number(f"{KEY}.weight", weight, low=0)
+        self.mix = bool(mix)
+        self.mic_ratio = check_number(f"{KEY}.mic_ratio", mic_ratio, low=0, high=1)
+        self.mic_patch = check_number(f"{KEY}.mic_patch", mic_patch, low=1, integer=True)
+        self.unlabeled_batch_size = check_number(
+            f"{KEY}.unlabeled_batch_size",
+            unlabeled_batch_size,
+            low=1,
+            integer=True,
+            optional=True,
+        )
+
+    def objective(self, model: ModelInfo) -> SelfTrainingObjective:
+        from core.config import ConfigError
+
+        if model.unlabeled is None or model.student is None:
+            raise ConfigError(
+                "data.datasets.real_unlabeled: self-training needs unlabelled real images "
+                "(real_unlabeled, or real_train standing in for it); none found"
+            )
+        size = self.unlabeled_batch_size
+        model.unlabeled(size)  # checks now that the images exist
+        return SelfTrainingObjective(
+            model.student,
+            lambda: model.unlabeled(size),
+            self.threshold,
+            self.weight,
+            self.mix,
+            self.mic_ratio,
+            self.mic_patch,
+            model.seed,
+            model.num_classes,
+        )
+
+    def callbacks(self, objective: Objective) -> list[Any]:
+        assert isinstance(objective, SelfTrainingObjective)
+        return [teacher_update(objective, self.momentum)]
