@@ -168,7 +168,6 @@ class SelfTrainingObjective(Objective):
             "self_training/confident_share": quality.mean(),
         }
         loss = outputs.logits.sum() * 0.0
-        student_real = None
         if self.mix:
             source, source_labels = batch["image"], batch["mask"]
             n = min(len(source), len(real))
@@ -188,13 +187,18 @@ class SelfTrainingObjective(Objective):
         if self.mic_ratio > 0:
             keep = patch_mask(tuple(labels.shape), self.mic_patch, self.mic_ratio, generator)
             masked = real * keep.to(device).unsqueeze(1)
-            student_real, _ = outputs.forward_features(masked)
-            term = weighted_ce(student_real, labels, quality)
+            masked_logits, _ = outputs.forward_features(masked)
+            term = weighted_ce(masked_logits, labels, quality)
             loss = loss + self.weight * term
             logs["self_training/loss_mic"] = term.detach()
         with torch.no_grad():
-            if student_real is None:
+            student = self._student[0]
+            was_training = student.training
+            student.eval()  # a measurement: no BatchNorm statistics of real images taken
+            try:
                 student_real, _ = outputs.forward_features(real)
+            finally:
+                student.train(was_training)
             agree = (student_real.argmax(1) == teacher_logits.argmax(1)).float().mean()
             logs["self_training/agreement"] = agree
             confident = labels[labels != IGNORE]
@@ -212,10 +216,15 @@ def teacher_update(objective: SelfTrainingObjective, momentum: float) -> Any:
     import pytorch_lightning as pl
 
     class TeacherUpdate(pl.Callback):
+        def __init__(self) -> None:
+            self.updated_at = -1  # the optimizer step the teacher last followed
+
         def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
-            # global_step already counts this batch's optimizer step
-            m = ema_momentum(trainer.global_step - 1, momentum)
-            ema_update(objective.teacher, objective._student[0], m)
+            step = trainer.global_step  # counts this batch's optimizer step, if it made one
+            if step == 0 or step == self.updated_at:  # gradient accumulation: no step yet
+                return
+            self.updated_at = step
+            ema_update(objective.teacher, objective._student[0], ema_momentum(step - 1, momentum))
 
     return TeacherUpdate()
 
@@ -267,7 +276,9 @@ class SelfTraining(TaskAdaptation):
     def objective(self, model: ModelInfo) -> SelfTrainingObjective:
         from core.config import ConfigError
 
-        if model.unlabeled is None or model.student is None:
+        if model.student is None:
+            raise ValueError("SelfTraining.objective: ModelInfo.student is needed (the task model)")
+        if model.unlabeled is None:
             raise ConfigError(
                 "data.datasets.real_unlabeled: self-training needs unlabelled real images "
                 "(real_unlabeled, or real_train standing in for it); none found"

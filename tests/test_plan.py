@@ -113,9 +113,17 @@ def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
         ),
         (
             "adaptation=cyclegan adaptation.cyclegan.guard.max_corruption=1.5",
-            r"adaptation.cyclegan.guard.max_corruption: expected a share in \[0, 1\]",
+            r"adaptation.cyclegan.guard.max_corruption: expected a number in \[0, 1\], got 1.5",
         ),
         ("adaptation=dann adaptation.dann.gamma=-1", r"adaptation.dann.gamma: expected"),
+        (
+            "adaptation=cyclegan adaptation.cyclegan.guard.max_corruption=half",
+            r"adaptation.cyclegan.guard.max_corruption: expected a number in \[0, 1\], got 'half'",
+        ),
+        (
+            "adaptation=cyclegan +adaptation.cyclegan.guard.strict=1",
+            r"adaptation.cyclegan.guard.strict: unknown key",
+        ),
         ("data.loader.num_workers=-2", r"data.loader.num_workers: expected a whole number >= 0"),
         ("+stages.finetune.lr=0.1", r"stages.finetune.lr: unknown key"),
         ("stages.finetune.init=nowhere.ckpt", r"stages.finetune.init: 'nowhere.ckpt' is neither"),
@@ -193,3 +201,20 @@ def test_augmentation_errors_name_the_full_key(tmp_path, override, match):
     cfg = compose_config("train", ["experiment=smoke", override])
     with pytest.raises(ConfigError, match=match):
         make_recipe(cfg, None, tmp_path)
+
+
+def test_a_stage_started_from_a_file_is_named_by_its_content(tmp_path):
+    ckpt = tmp_path / "start.ckpt"
+    ckpt.write_bytes(b"one")
+    first = plan(tmp_path, "experiment=finetune", f"stages.finetune.init={ckpt}").digests
+    ckpt.write_bytes(b"two")
+    second = plan(tmp_path, "experiment=finetune", f"stages.finetune.init={ckpt}").digests
+    assert first["finetune"] != second["finetune"]
+    assert first["source_only"] == second["source_only"]
+
+
+def test_screening_is_part_of_what_a_stage_trains_on(tmp_path):
+    on = plan(tmp_path).digests
+    off = plan(tmp_path, "risk.screening=false").digests
+    assert on["source_only"] != off["source_only"]
+    assert plan(tmp_path, "risk.drift_samples=10").digests == on  # a monitor setting: not

@@ -80,3 +80,27 @@ def test_a_finished_stage_is_reused_and_an_interrupted_one_resumes_its_run(tmp_p
     record = s.finished("stage", "abc")
     assert record.skipped and record.run_id == first and record.values["metrics"] == {"x": 1.0}
     assert MlflowClient(s.tracking.uri).get_run(first).info.status == "FINISHED"
+
+
+def test_a_folder_whose_run_is_not_in_the_store_starts_a_new_run(tmp_path):
+    FakeTrainer.errors, FakeTrainer.calls = [], 0
+    s = store(tmp_path, retries=0)
+    folder = s.folder("stage", "abc")
+    folder.mkdir(parents=True)
+    (folder / "mlflow_run_id.txt").write_text("0123456789abcdef0123456789abcdef")
+    with s.open("stage", "abc") as run:
+        assert run.fresh and run.run_id != "0123456789abcdef0123456789abcdef"
+        run.finish({})
+    assert (folder / "mlflow_run_id.txt").read_text() == run.run_id
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"), [(1, 1), (2, 2), ([0, 1], 2), ("3", 3), ("auto", 1), (-1, 1)]
+)
+def test_world_size_reads_every_form_of_devices(devices, expected):
+    from omegaconf import OmegaConf
+
+    from training.stages.specs import world_size
+
+    cfg = OmegaConf.create({"devices": devices, "accelerator": "cpu", "num_nodes": 1})
+    assert world_size(cfg) == expected

@@ -168,6 +168,11 @@ class StepSampler(torch.utils.data.Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
+def _cuda_devices() -> list[int]:
+    """The devices whose RNG a seeded block forks: the current CUDA device, if any."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
 def batches_done(checkpoint: Path) -> int:
     """Training batches behind a CycleGAN checkpoint (0 when there is none)."""
     from adaptation.cyclegan.module import STEPS_PER_BATCH
@@ -321,12 +326,13 @@ class CycleGANTranslation(PixelAdaptation):
         self.guard_frames = check_number(
             f"{key}.guard.frames", guard.pop("frames", 64), low=1, integer=True
         )
-        try:
-            self.limits = GuardLimits(**{k: float(v) for k, v in guard.items()})
-        except TypeError as exc:
-            raise ConfigError(f"{key}.guard: {exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"{key}.{exc}") from None
+        limits = {}
+        for name, value in guard.items():
+            if name not in GuardLimits.__dataclass_fields__:
+                known = ["frames", *GuardLimits.__dataclass_fields__]
+                raise ConfigError(f"{key}.guard.{name}: unknown key, expected one of {known}")
+            limits[name] = float(check_number(f"{key}.guard.{name}", value, low=0, high=1))
+        self.limits = GuardLimits(**limits)
         self._given: tuple[Path, str] | None = None  # the resolved ``generator``
 
     # -------------------------------------------------------------- identities
@@ -421,7 +427,7 @@ class CycleGANTranslation(PixelAdaptation):
         if self._given is not None:
             generator, generator_run = self._given
         else:
-            with env.lock("cyclegan", "the CycleGAN"):
+            with env.lock(f"cyclegan-{self._generator_identity(run)}", "the CycleGAN"):
                 record = self._train(run, env, datasets, segmenter)
             generator, generator_run = Path(record.values["generator"]), record.run_id
             trained_now = not record.skipped
@@ -491,7 +497,8 @@ class CycleGANTranslation(PixelAdaptation):
                 sample_sim, sample_real, every, segmenter, list(run.class_names)
             )
             started = time.perf_counter()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=_cuda_devices()):
+                torch.manual_seed(run.seed)
                 # Lightning warns that a mid-fit checkpoint holds the state after the
                 # optimizer steps: that is the state a resumed fit continues from
                 warnings.filterwarnings(
@@ -554,6 +561,8 @@ class CycleGANTranslation(PixelAdaptation):
 
         source = datasets["sim_train"]
         translator = load_generator(generator, run.image_size, key=self.config_key)
+        if segmenter is not None:  # training may have left it on the GPU; translate on CPU
+            segmenter = segmenter.cpu()
         root = env.data_dir / "translated" / f"{source.name}-{key}"
         if (root / "card.json").exists():
             dataset = GeneratedDataset(

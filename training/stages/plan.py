@@ -21,7 +21,15 @@ from training.stages.specs import StageSpec, check_run_values, stage_specs, worl
 #: Config sections that decide a segmentation stage's result (besides the stage itself).
 RESULT_KEYS = ("seed", "data", "model", "optimizer", "loss", "warmup_fraction", "taxonomy")
 #: Trainer settings that change the result (devices change it through the world size).
-TRAINER_KEYS = ("precision", "accumulate_grad_batches", "gradient_clip_val")
+TRAINER_KEYS = (
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "sync_batchnorm",
+    "max_steps",
+    "limit_train_batches",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,16 @@ def _plain(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _file_key(init: str | None) -> str | None:
+    """A checkpoint file a stage starts from, named by its content (a file replaced under
+    the same path is another start)."""
+    if not init:
+        return None
+    from core.hashing import file_sha256
+
+    return "file:" + file_sha256(init)[:16]
 
 
 def load_components(adaptation: Any, stage_names: list[str]) -> list[Component]:
@@ -121,6 +139,9 @@ def _stage_key(
     inputs: Mapping[str, str],
 ) -> str:
     blob = {k: _plain(cfg.get(k)) for k in RESULT_KEYS}
+    # T-10 screening decides which frames a stage trains on
+    risk = cfg.get("risk") or {}
+    blob["screening"] = bool(risk.get("enabled") and risk.get("screening"))
     data = data_identity(cfg.data)
     # a sim-only stage without adaptation never reads the real training split: a retrain
     # on new real data reuses it
@@ -148,7 +169,7 @@ def run_values(cfg: Any, specs: list[StageSpec], class_names: tuple[str, ...]) -
     def key_of(name: str) -> str:
         if name not in plain_keys:
             spec = by_name[name]
-            parent = key_of(spec.init) if spec.init in by_name else spec.init
+            parent = key_of(spec.init) if spec.init in by_name else _file_key(spec.init)
             plain_keys[name] = plain_stage_key(cfg, spec, parent)
         return plain_keys[name]
 
@@ -177,7 +198,7 @@ def make_plan(cfg: Any, class_names: tuple[str, ...]) -> Plan:
     inputs: dict[str, dict[str, str]] = {}
     pixel_keys = {c.name: c.plugin.key(run) for c in pixel}
     for spec in specs:
-        parent = digests.get(spec.init) if spec.init in digests else spec.init
+        parent = digests.get(spec.init) if spec.init in digests else _file_key(spec.init)
         objectives = {c.name: c.node for c in task if spec.name in c.stages}
         used = {c.name: pixel_keys[c.name] for c in pixel if spec.name in c.stages}
         inputs[spec.name] = used

@@ -280,7 +280,7 @@ def _fit_and_evaluate(
         try:
             # dropout and any other draw during training follow the seed too; the
             # process's own random state is put back afterwards
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(devices=_cuda_devices()):
                 torch.manual_seed(recipe.seed)
                 trainer = run.fit(
                     task,
@@ -292,7 +292,8 @@ def _fit_and_evaluate(
             if gpu is not None:
                 gpu.stop()
         best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
-        trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+        with torch.random.fork_rng(devices=_cuda_devices()):  # the caller's RNG untouched
+            trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
         if store.is_zero:
             _save_evaluation(task, best, evaluated)
     metrics = {k: float(v) for k, v in task.results.items()}
@@ -344,6 +345,13 @@ def _fit_and_evaluate(
     alerts = [] if fired == "none" else fired.split(",")
     record = run.finish({"checkpoint": str(best), "metrics": metrics, "alerts": alerts})
     return StageResult.from_record(spec.name, record)
+
+
+def _cuda_devices() -> list[int]:
+    """The devices whose RNG a seeded block forks: the current CUDA device, if any."""
+    import torch
+
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
 def _save_evaluation(task: Any, best: Path, path: Path) -> None:

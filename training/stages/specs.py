@@ -114,7 +114,23 @@ def tracking_spec(tracking: Any, output: Path, create: bool = True) -> TrackingS
 
 
 def world_size(trainer: Any) -> int:
-    """Processes that train together (``trainer.devices`` x ``trainer.num_nodes``)."""
-    devices = trainer.get("devices", 1) or 1
-    nodes = trainer.get("num_nodes", 1) or 1
-    return (int(devices) if isinstance(devices, int) else 1) * int(nodes)
+    """Processes that train together (``trainer.devices`` x ``trainer.num_nodes``):
+    ``devices`` a count, a list of device ids, or ``auto`` / ``-1`` (every visible GPU, or
+    one CPU process)."""
+    from collections.abc import Sequence
+
+    from omegaconf import ListConfig
+
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, Sequence | ListConfig) and not isinstance(devices, str):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    elif isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        count = int(devices)
+    else:  # "auto", -1, None
+        import torch
+
+        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    return max(1, count) * int(trainer.get("num_nodes", 1) or 1)

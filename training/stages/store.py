@@ -262,6 +262,9 @@ class StageStore:
         id_file = run_dir / RUN_ID
         run_id = id_file.read_text().strip() if id_file.exists() else None
         spec = self.tracking
+        if run_id is not None and not _run_exists(spec.uri, run_id):
+            log.warning("%s: run %s is not in the tracking store; starting a new run", kind, run_id)
+            run_id = None
         all_tags = {
             "stage": kind,
             "experiment": self.experiment_name,
@@ -294,6 +297,19 @@ class StageStore:
             run.logger.close("failed")
         except Exception as report_error:  # noqa: BLE001 - the training error matters more
             log.error("could not report the failure of %s: %s", run.kind, report_error)
+
+
+def _run_exists(uri: str, run_id: str) -> bool:
+    """Whether the tracking store holds run ``run_id`` (a folder may outlive its store,
+    or be pointed at another one)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def _stage_logger_class() -> type:
