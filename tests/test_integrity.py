@@ -329,6 +329,7 @@ def _locked(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_two_identical_generate_commands_wait_for_each_other(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -397,6 +398,7 @@ def test_dataset_name_with_path_parts_is_refused(tmp_path: Path, name: str) -> N
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_script_refuses_a_name_that_escapes_data(tmp_path: Path) -> None:
     out = subprocess.run(
         [

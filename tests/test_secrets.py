@@ -152,6 +152,7 @@ def test_every_script_with_tracking_registers_the_callback():
         assert targets[0] == "training.tracking_server.TrackingChecks", (name, targets)
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_train_py_refuses_a_password_in_tracking_uri_before_writing_anything(tmp_path):
     out, seconds = run_script(tmp_path, f"tracking.uri={URI}")
     console = out.stdout + out.stderr
@@ -164,6 +165,7 @@ def test_train_py_refuses_a_password_in_tracking_uri_before_writing_anything(tmp
     assert seconds < 60
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_a_sweep_of_tracking_uri_is_refused_before_multirun_yaml(tmp_path):
     out, _ = run_script(tmp_path, "-m", f"tracking.uri=http://127.0.0.1:2,{URI}", "seed=0")
     console = out.stdout + out.stderr
@@ -220,6 +222,7 @@ def test_an_env_uri_with_a_password_silences_mlflows_run_links(tmp_path, monkeyp
     assert os.environ[QUIET_URLS] == "true"
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_train_py_with_a_password_in_mlflow_tracking_uri_prints_no_secret(tmp_path):
     out, seconds = run_script(tmp_path, "experiment=smoke", env_uri=URI)
     console = out.stdout + out.stderr

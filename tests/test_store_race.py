@@ -71,6 +71,7 @@ def tables(uri: str) -> set[str]:
         return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path):
     found = race(tmp_path, locked=True)
     for uri, errors in found.items():

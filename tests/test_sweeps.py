@@ -82,6 +82,7 @@ def run_train_script(tmp_path, *overrides: str, multirun: bool = False, timeout:
 
 
 # ----------------------------------------------------------------------------- before any job
+@pytest.mark.slow  # a subprocess each: the full suite runs it
 def test_bad_sweep_stops_before_any_job_folder_or_mlflow_run(tmp_path):
     out = run_train_script(
         tmp_path,
