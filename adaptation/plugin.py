@@ -82,6 +82,7 @@ class PrepareEnv(Protocol):
     tracking_uri: str
     log_model: bool
     num_workers: int
+    world_size: int
 
     def finished(self, kind: str, digest: str) -> Any | None:
         """The record of stage ``kind-digest`` if it finished earlier, else None."""

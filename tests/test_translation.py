@@ -250,3 +250,28 @@ def test_generator_is_logged_as_an_mlflow_model_that_translates_alike(tmp_path):
         mlflow.set_tracking_uri(None)
     x = torch.rand(2, 3, 16, 32)
     torch.testing.assert_close(loaded(x), translator(x))
+
+
+def test_translation_under_ddp_is_refused_before_work_unless_made_already(tmp_path):
+    """The CycleGAN and the translation run in one process: under DDP a run must find the
+    translated set made by an earlier single-process run, or stop before any stage."""
+    from types import SimpleNamespace
+
+    from adaptation.cyclegan.stage import CycleGANTranslation
+    from adaptation.plugin import RunValues
+
+    sim = make_dataset(tmp_path / "sim_train")
+    run = RunValues(
+        seed=0, image_size=(8, 12), class_names=tuple(CLASSES), data={"datasets": {}},
+        precision="32-true", stage_key=lambda name: "x", stage_names=("source_only",),
+    )  # fmt: skip
+    plugin = CycleGANTranslation(["source_only"], {"_target_": "x"}, segmenter=None)
+    env = SimpleNamespace(data_dir=tmp_path / "data", world_size=2)
+    datasets = {"sim_train": sim, "real_train": sim}
+    with pytest.raises(ConfigError, match=r"adaptation.cyclegan: the CycleGAN and the trans"):
+        plugin.check(run, env, datasets)
+    done = env.data_dir / "translated" / f"{sim.name}-{plugin.key(run)}" / "card.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    plugin.check(run, env, datasets)  # made already: the DDP run reuses it
+    plugin.check(run, SimpleNamespace(data_dir=tmp_path / "other", world_size=1), datasets)

@@ -411,6 +411,14 @@ class CycleGANTranslation(PixelAdaptation):
                 f"data.image: {h}x{w}, but {source.root} holds "
                 f"{source.image_size[0]}x{source.image_size[1]} frames"
             )
+        done = env.data_dir / "translated" / f"{source.name}-{self.key(run)}" / "card.json"
+        if env.world_size > 1 and not done.exists():
+            raise ConfigError(
+                f"{key}: the CycleGAN and the translation run in one process, and this "
+                f"translated sim set is not made yet (world size {env.world_size}); run the "
+                "command once without DDP (trainer=cpu or trainer=gpu), then with it: the "
+                "DDP run reuses the translated set"
+            )
         real = unlabeled_real(datasets)
         if self.generator is None and (real is None or len(real) == 0):
             raise ConfigError(

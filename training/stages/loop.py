@@ -207,6 +207,7 @@ class RunEnv:
         self.tracking_uri = store.tracking.uri
         self.log_model = recipe.log_model
         self.num_workers = num_workers
+        self.world_size = store.world_size
         self.label = "none"
         self.datasets: Mapping[str, Any] = {}
         self.screening: Screening | None = None
