@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptation.grl import gradient_reversal, grl_lambda, progress
-from adaptation.plugin import ModelInfo, Objective, StepOutputs, TaskAdaptation
+from adaptation.plugin import (
+    ModelInfo,
+    Objective,
+    StepOutputs,
+    TaskAdaptation,
+    unlabeled_batches,
+)
+from core.seeding import seeded
 
 __all__ = ["DANN", "DannObjective", "dann_loss", "output_space_loss"]
 
@@ -206,21 +213,12 @@ class DANN(TaskAdaptation):
         )
 
     def objective(self, model: ModelInfo) -> DannObjective:
-        from core.config import ConfigError
-
-        if model.unlabeled is None:
-            raise ConfigError(
-                "data.datasets.real_unlabeled: DANN needs unlabelled real images "
-                "(real_unlabeled, or real_train standing in for it); none found"
-            )
-        size = self.unlabeled_batch_size
-        model.unlabeled(size)  # checks now that the images exist
-        with torch.random.fork_rng(devices=[]):  # the same seed, the same discriminator
-            torch.manual_seed(model.seed)
+        batches = unlabeled_batches(model, self.unlabeled_batch_size, "DANN")
+        with seeded(model.seed):  # the same seed, the same discriminator
             discriminator = self.make_discriminator(in_features=model.feature_channels)
         return DannObjective(
             discriminator,
-            lambda: model.unlabeled(size),
+            batches,
             self.weight,
             self.gamma,
         )

@@ -167,6 +167,20 @@ class ModelInfo:
     student: nn.Module | None = None
 
 
+def unlabeled_batches(model: ModelInfo, batch_size: int | None, method: str) -> Callable[[], Any]:
+    """``() -> iterable`` of unlabelled real batches of ``batch_size`` for an objective,
+    checked now: a run without unlabelled real images is a config error naming the key."""
+    from core.config import ConfigError
+
+    if model.unlabeled is None:
+        raise ConfigError(
+            f"data.datasets.real_unlabeled: {method} needs unlabelled real images "
+            "(real_unlabeled, or real_train standing in for it); none found"
+        )
+    model.unlabeled(batch_size)  # checks now that the images exist
+    return lambda: model.unlabeled(batch_size)
+
+
 @dataclass
 class StepOutputs:
     """What the task computed for a training batch, handed to each objective.

@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptation.plugin import ModelInfo, Objective, StepOutputs, TaskAdaptation
+from adaptation.plugin import (
+    ModelInfo,
+    Objective,
+    StepOutputs,
+    TaskAdaptation,
+    unlabeled_batches,
+)
 
 IGNORE = 255
 KEY = "adaptation.self_training"
@@ -274,20 +280,13 @@ class SelfTraining(TaskAdaptation):
         )
 
     def objective(self, model: ModelInfo) -> SelfTrainingObjective:
-        from core.config import ConfigError
 
         if model.student is None:
             raise ValueError("SelfTraining.objective: ModelInfo.student is needed (the task model)")
-        if model.unlabeled is None:
-            raise ConfigError(
-                "data.datasets.real_unlabeled: self-training needs unlabelled real images "
-                "(real_unlabeled, or real_train standing in for it); none found"
-            )
-        size = self.unlabeled_batch_size
-        model.unlabeled(size)  # checks now that the images exist
+        batches = unlabeled_batches(model, self.unlabeled_batch_size, "self-training")
         return SelfTrainingObjective(
             model.student,
-            lambda: model.unlabeled(size),
+            batches,
             self.threshold,
             self.weight,
             self.mix,

@@ -71,6 +71,13 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+def plain(value: Any) -> Any:
+    """A config node as plain, resolved containers; anything else as it is."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def instantiate_checked(node: Any, key: str | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising our own config errors unwrapped, so the user
     reads the key that is wrong rather than Hydra's 'Error in call to target'.

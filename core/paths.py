@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError
+from core.config import ConfigError, plain
 from core.hashing import generation_key
 
 #: The resolver of the generated splits' folders: ``root: ${generated:sim_train}``.
@@ -32,7 +32,7 @@ def generated_root(
 ) -> Path:
     """The folder of split ``split`` of ``data.generate`` (``gen``), for this image size and
     taxonomy config: ``<gen.root>/<split>-<12 hex digits>``. Config nodes or plain values."""
-    gen, image, taxonomy = _plain(gen), _plain(image), _plain(taxonomy)
+    gen, image, taxonomy = plain(gen), plain(image), plain(taxonomy)
     splits = gen.get("splits") or {}
     if split not in splits:
         raise ConfigError(
@@ -55,12 +55,6 @@ def generated_root(
         taxonomy=taxonomy,
     )
     return Path(str(gen["root"])) / f"{split}-{key}"
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _generated(split: str, *, _root_: Any, _node_: Any) -> str:

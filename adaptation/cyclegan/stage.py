@@ -39,6 +39,7 @@ from adaptation.plugin import PixelAdaptation, Prepared, PrepareEnv, RunValues
 from core.config import ConfigError, check_number
 from core.files import atomic_write_bytes
 from core.hashing import file_sha256, generator_key, translation_key
+from core.seeding import seeded
 from simulation.dataset import GeneratedDataset
 
 log = logging.getLogger(__name__)
@@ -166,11 +167,6 @@ class StepSampler(torch.utils.data.Sampler[int]):
             )
             yield from (int(i) for i in order[offset:])
             epoch, offset = epoch + 1, 0
-
-
-def _cuda_devices() -> list[int]:
-    """The devices whose RNG a seeded block forks: the current CUDA device, if any."""
-    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
 def batches_done(checkpoint: Path) -> int:
@@ -466,8 +462,7 @@ class CycleGANTranslation(PixelAdaptation):
         if record is not None:
             return record
         sim, real = datasets["sim_train"], unlabeled_real(datasets)
-        with torch.random.fork_rng(devices=[]):  # the same seed, the same initial weights
-            torch.manual_seed(run.seed)
+        with seeded(run.seed):  # the same seed, the same initial weights
             model = instantiate(self.model, semantic_model=segmenter, seed=run.seed)
         n_show = min(4, len(sim), len(real))
         show_sim = sim if datasets.get("sim_val") is None else datasets["sim_val"]
@@ -505,8 +500,7 @@ class CycleGANTranslation(PixelAdaptation):
                 sample_sim, sample_real, every, segmenter, list(run.class_names)
             )
             started = time.perf_counter()
-            with warnings.catch_warnings(), torch.random.fork_rng(devices=_cuda_devices()):
-                torch.manual_seed(run.seed)
+            with warnings.catch_warnings(), seeded(run.seed):
                 # Lightning warns that a mid-fit checkpoint holds the state after the
                 # optimizer steps: that is the state a resumed fit continues from
                 warnings.filterwarnings(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from core.config import ConfigError, instantiate_checked
+from core.config import ConfigError, instantiate_checked, plain
 from core.paths import generated_root
 from simulation.taxonomy import Taxonomy
 
@@ -40,7 +40,7 @@ def ensure_procedural_datasets(
     from simulation.generation import run_generate
 
     roots = generated_roots(gen, image, taxonomy_cfg)
-    gen, image, taxonomy = _plain(gen), _plain(image), _plain(taxonomy_cfg)
+    gen, image, taxonomy = plain(gen), plain(image), plain(taxonomy_cfg)
     for split, spec in gen["splits"].items():
         root = roots[split]
         # the folder is named by its generation config; run_generate still compares the
@@ -87,12 +87,6 @@ def wait_for_datasets(
             raise ConfigError(f"data.generate: rank zero did not finish {gen['root']} in time")
         time.sleep(2.0)
     return roots
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, instantiate_checked
+from core.config import ConfigError, instantiate_checked, plain
 from core.hashing import file_sha256
 from training.stages.data import (
     Screening,
@@ -46,12 +46,6 @@ from training.stages.specs import StageSpec, tracking_spec, world_size
 from training.stages.store import StageStore
 
 log = logging.getLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_config(cfg: Any) -> Plan:
@@ -115,7 +109,7 @@ def _run(
     output, data_dir = Path(cfg.paths.output), Path(cfg.paths.data)
     tracking = tracking_spec(cfg.tracking, output)
     world, is_zero = world_size(cfg.trainer), rank_zero_only.rank == 0
-    risk = _plain(cfg.risk) if cfg.risk.enabled else None
+    risk = plain(cfg.risk) if cfg.risk.enabled else None
     recipe = make_recipe(cfg, risk, output)
     store = StageStore(
         output,
@@ -317,7 +311,7 @@ def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recip
 
     registry = None
     if cfg.log_model and cfg.registry.enabled:
-        registry = _plain(cfg.registry)
+        registry = plain(cfg.registry)
     return Recipe(
         seed=int(cfg.seed),
         make_model=instantiate_checked(cfg.model, _partial_=True),
@@ -327,7 +321,7 @@ def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recip
             if cfg.data.get("augment")
             else None
         ),
-        loader=dict(_plain(cfg.data.loader)),
+        loader=dict(plain(cfg.data.loader)),
         class_weighting=str(cfg.loss.class_weighting),
         label_smoothing=float(cfg.loss.label_smoothing),
         warmup_fraction=float(cfg.warmup_fraction),
@@ -335,7 +329,7 @@ def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recip
         log_model=bool(cfg.log_model),
         risk=risk,
         registry=registry,
-        config=tracking.redact(_plain(cfg)),
+        config=tracking.redact(plain(cfg)),
         output=output,
     )
 
@@ -357,7 +351,7 @@ def _open_parent(cfg: Any, tracking: Any, parent_run_id: str | None, label: str)
     from training import tracking as mlflow_tracking
     from training.stages.parent import PARENT_TAG, PipelineRun, pipeline_hash
 
-    digest = pipeline_hash(_plain(cfg))
+    digest = pipeline_hash(plain(cfg))
     tags = {
         "sweep_id": tracking.sweep_id,
         "git_commit": mlflow_tracking.git_commit(),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adaptation.plugin import PixelAdaptation, RunValues, TaskAdaptation
-from core.config import ConfigError, instantiate_checked
+from core.config import ConfigError, instantiate_checked, plain
 from core.hashing import stage_key
 from training.stages.specs import StageSpec, check_run_values, stage_specs, world_size
 
@@ -64,12 +64,6 @@ class Plan:
         return [c for c in self.task if stage in c.stages]
 
 
-def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def _file_key(init: str | None) -> str | None:
     """A checkpoint file a stage starts from, named by its content (a file replaced under
     the same path is another start)."""
@@ -110,16 +104,16 @@ def load_components(adaptation: Any, stage_names: list[str]) -> list[Component]:
                 "subclass of adaptation.plugin.PixelAdaptation (datasets -> datasets) or "
                 "adaptation.plugin.TaskAdaptation (a loss term)"
             )
-        plain = _plain(node)
-        plain.pop("stages", None)
-        components.append(Component(name, plain, tuple(stages), plugin))
+        settings = plain(node)
+        settings.pop("stages", None)
+        components.append(Component(name, settings, tuple(stages), plugin))
     return components
 
 
 def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies the data of a run: ``data`` without worker counts (they change
     speed, not results)."""
-    blob = dict(_plain(data))
+    blob = dict(plain(data))
     loader = dict(blob.get("loader") or {})
     loader.pop("num_workers", None)
     blob["loader"] = loader
@@ -138,7 +132,7 @@ def _stage_key(
     objectives: Mapping[str, Any],
     inputs: Mapping[str, str],
 ) -> str:
-    blob = {k: _plain(cfg.get(k)) for k in RESULT_KEYS}
+    blob = {k: plain(cfg.get(k)) for k in RESULT_KEYS}
     # T-10 screening decides which frames a stage trains on
     risk = cfg.get("risk") or {}
     blob["screening"] = bool(risk.get("enabled") and risk.get("screening"))
@@ -150,10 +144,10 @@ def _stage_key(
         datasets.pop("real_train", None)
         datasets.pop("real_unlabeled", None)
         data["datasets"] = datasets
-    trainer = _plain(cfg.trainer)
+    trainer = plain(cfg.trainer)
     return stage_key(
         sections={**blob, "data": data},
-        stage=_plain(cfg.stages[spec.name]),
+        stage=plain(cfg.stages[spec.name]),
         trainer={k: v for k, v in trainer.items() if k in TRAINER_KEYS},
         world_size=world_size(cfg.trainer),
         objectives=dict(objectives),

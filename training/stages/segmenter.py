@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from adaptation.plugin import ModelInfo
+from core.seeding import seeded
 from training.stages.data import class_pixel_counts
 from training.stages.specs import StageSpec
 from training.stages.store import StageRecord, StageRun, StageStore
@@ -111,10 +112,8 @@ def condition_groups(datasets: Any) -> list[str]:
 def build_model(recipe: Recipe, num_classes: int) -> Any:
     """A task model with its initial weights drawn from the run's seed: the same seed
     gives the same model, whatever ran in the process before."""
-    import torch
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
+    with seeded(recipe.seed):
         return recipe.make_model(num_classes=num_classes)
 
 
@@ -259,7 +258,6 @@ def _fit_and_evaluate(
     screening: Mapping[str, float],
     references: Mapping[str, float] | None,
 ) -> StageResult:
-    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from training import tracking
@@ -280,8 +278,7 @@ def _fit_and_evaluate(
         try:
             # dropout and any other draw during training follow the seed too; the
             # process's own random state is put back afterwards
-            with torch.random.fork_rng(devices=_cuda_devices()):
-                torch.manual_seed(recipe.seed)
+            with seeded(recipe.seed):
                 trainer = run.fit(
                     task,
                     datamodule=dm,
@@ -292,7 +289,7 @@ def _fit_and_evaluate(
             if gpu is not None:
                 gpu.stop()
         best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
-        with torch.random.fork_rng(devices=_cuda_devices()):  # the caller's RNG untouched
+        with seeded(recipe.seed):  # the caller's RNG untouched
             trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
         if store.is_zero:
             _save_evaluation(task, best, evaluated)
@@ -345,13 +342,6 @@ def _fit_and_evaluate(
     alerts = [] if fired == "none" else fired.split(",")
     record = run.finish({"checkpoint": str(best), "metrics": metrics, "alerts": alerts})
     return StageResult.from_record(spec.name, record)
-
-
-def _cuda_devices() -> list[int]:
-    """The devices whose RNG a seeded block forks: the current CUDA device, if any."""
-    import torch
-
-    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
 def _save_evaluation(task: Any, best: Path, path: Path) -> None:
