@@ -141,8 +141,9 @@ def output_space_loss(
 
 # ------------------------------------------------------------------------ the plug-in
 class DannObjective(Objective):
-    """DANN's domain loss for one stage: the labelled sim samples of each batch against a
-    batch of unlabelled real images, through a gradient reversal whose coefficient follows
+    """DANN's domain loss for one stage: the labelled sim samples of each batch against
+    its labelled real samples and a batch of unlabelled real images (all through the
+    student in one forward pass), through a gradient reversal whose coefficient follows
     :func:`~adaptation.grl.grl_lambda` of the training progress (read from the step).
 
     Logs ``dann/loss``, ``dann/domain_acc`` and ``dann/lambda``.
@@ -161,16 +162,24 @@ class DannObjective(Objective):
         self._batches: Any = None
         self.weight, self.gamma = float(weight), float(gamma)
 
+    def extra_images(self, batch: Mapping[str, Any], step: int) -> Tensor | None:
+        """A batch of unlabelled real images, seen by the student with the labelled batch
+        (one forward pass: BatchNorm statistics shared by both domains)."""
+        if not bool((batch["domain"] == SIM).any()):  # a real-only batch: nothing to align
+            return None
+        if self._batches is None:
+            self._batches = iter(self._unlabeled())
+        return next(self._batches)["image"]
+
     def forward(  # type: ignore[override]
         self, batch: Mapping[str, Any], outputs: StepOutputs
     ) -> tuple[Tensor, dict[str, float | Tensor]]:
-        sim_features = outputs.features[batch["domain"] == SIM]
-        if sim_features.shape[0] == 0:  # a real-only batch: nothing to align
+        if outputs.extra_features is None:
             return outputs.features.sum() * 0.0, {}
-        if self._batches is None:
-            self._batches = iter(self._unlabeled())
-        real = next(self._batches)["image"].to(outputs.features.device)
-        _, real_features = outputs.forward_features(real)
+        domain = batch["domain"].to(outputs.features.device)
+        sim_features = outputs.features[domain == SIM]
+        # the labelled real share of the batch is real too
+        real_features = torch.cat([outputs.features[domain == REAL], outputs.extra_features])
         lam = grl_lambda(progress(outputs.step, outputs.total_steps), self.gamma)
         loss, accuracy = dann_loss(sim_features, real_features, self.discriminator, lam)
         logs = {"dann/loss": loss.detach(), "dann/domain_acc": accuracy, "dann/lambda": lam}

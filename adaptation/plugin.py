@@ -191,6 +191,10 @@ class StepOutputs:
         forward_features: ``images -> (logits, features)`` through the student model.
         step: the global step (no hidden counters: schedules read it).
         total_steps: the steps of the whole fit.
+        extra_logits, extra_features: the student's outputs on the images the objective
+            asked for with :meth:`Objective.extra_images`, computed in the same forward
+            pass as the labelled batch (so BatchNorm normalizes both with one set of
+            batch statistics); None when it asked for none.
     """
 
     logits: torch.Tensor
@@ -198,12 +202,23 @@ class StepOutputs:
     forward_features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     step: int
     total_steps: int
+    extra_logits: torch.Tensor | None = None
+    extra_features: torch.Tensor | None = None
 
 
 class Objective(nn.Module):
     """A loss term: ``loss, logs = objective(batch, outputs)``; its parameters (a
     discriminator) join the task's optimizer. ``logs`` are scalars logged as
     ``train/<name>``."""
+
+    def extra_images(self, batch: Mapping[str, Any], step: int) -> torch.Tensor | None:
+        """Images ``(N, 3, H, W)`` the student should see in the same forward pass as the
+        labelled ``batch`` (unlabelled real images for a domain loss); their outputs reach
+        :meth:`forward` as ``outputs.extra_logits`` / ``extra_features``. Default: none.
+
+        One pass matters in train mode: two passes would normalize each domain with its
+        own BatchNorm batch statistics, hiding the very shift a domain loss must see."""
+        return None
 
     def forward(  # type: ignore[override]
         self, batch: Mapping[str, Any], outputs: StepOutputs

@@ -194,6 +194,15 @@ class RealDataset(Dataset[dict[str, Any]]):
             self._usable = taxonomy.lut(source) != IGNORE_INDEX  # (256,) raw id -> any class
             self.scan_labels(_check_count(label_scan, "label_scan"))
 
+    @property
+    def labelled_classes(self) -> list[int] | None:
+        """Taxonomy indices this dataset's label mapping can produce (CamVid labels no
+        ``terrain``); None for unlabelled data. Evaluation averages over these."""
+        if self.taxonomy is None or self.source is None:
+            return None
+        values = np.unique(self.taxonomy.lut(self.source))
+        return [int(v) for v in values if v != IGNORE_INDEX]
+
     def _no_usable_pixel(self, ids: np.ndarray) -> bool:
         return not bool(self._usable[ids.astype(np.uint8, copy=False)].any())
 

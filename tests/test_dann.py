@@ -214,3 +214,77 @@ def test_proxy_a_distance_accepts_maps_and_arrays_and_is_deterministic() -> None
     assert proxy_a_distance(src.mean(dim=(2, 3)).numpy(), tgt.mean(dim=(2, 3)).numpy(), 3) == d
     with pytest.raises(ValueError, match="widths"):
         proxy_a_distance(torch.randn(10, 3), torch.randn(10, 4))
+
+
+# --- the plug-in inside the task ------------------------------------------------------------
+
+
+class _Encoder(torch.nn.Module):
+    """1x1 conv -> BatchNorm -> ReLU features, 1x1 conv logits: the BatchNorm is what a
+    per-domain forward pass would use to hide a brightness shift."""
+
+    feature_channels = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Conv2d(8, 2, 1)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.relu(self.norm(self.conv(x)))
+        return self.head(features), features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+
+def test_dann_discriminator_learns_a_shift_that_batchnorm_would_hide() -> None:
+    """With lambda = 0 (gamma = 0) only the discriminator learns. Sim and real differ by
+    brightness alone; the student sees both domains in one forward pass, so BatchNorm
+    keeps the shift and the discriminator must separate them (two passes would normalize
+    each domain on its own: chance accuracy, the bug of the issue)."""
+    import numpy as np
+
+    from adaptation.dann import DANN
+    from adaptation.plugin import ModelInfo
+    from training.losses import SegmentationLoss
+    from training.task import SegmentationTask
+
+    gen = torch.Generator().manual_seed(0)
+
+    def real_batches():
+        while True:
+            yield {"image": 0.5 + 0.5 * torch.rand(8, 3, 8, 8, generator=gen)}
+
+    model = _Encoder()
+    plugin = DANN(
+        ["source_only"],
+        discriminator=lambda in_features: DomainDiscriminator(in_features, hidden=16),
+        gamma=0.0,
+    )
+    info = ModelInfo(8, 2, unlabeled=lambda batch_size: real_batches(), seed=0, student=model)
+    objective = plugin.objective(info)
+    task = SegmentationTask(
+        model, SegmentationLoss(2), ["a", "b"], np.zeros((256, 3), np.uint8),
+        channels_last=False, objectives={"dann": objective},
+    )  # fmt: skip
+    logged: dict[str, float] = {}
+    task.log = lambda key, value, **_: logged.__setitem__(key, float(value))  # type: ignore[method-assign]
+    opt = torch.optim.Adam(objective.parameters(), lr=1e-2)
+    accuracies = []
+    for _ in range(60):
+        batch = {
+            "image": 0.5 * torch.rand(8, 3, 8, 8, generator=gen),
+            "mask": torch.zeros(8, 8, 8, dtype=torch.long),
+            "domain": torch.zeros(8),
+        }
+        loss = task.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accuracies.append(logged["train/dann/domain_acc"])
+    assert logged["train/dann/lambda"] == 0.0
+    assert np.mean(accuracies[-10:]) > 0.9
+    # the student saw the labelled batch and the real images in one forward pass
+    assert model.norm.num_batches_tracked.item() == 60

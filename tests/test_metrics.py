@@ -368,3 +368,22 @@ def test_bar_chart_image():
     gaps = bar_chart_image({"gap/miou": 0.3, "gap/iou/sky": -0.1}, "gap")
     assert gaps.dtype == np.uint8 and gaps.std() > 0
     assert bar_chart_image({}, "empty").dtype == np.uint8
+
+
+def test_miou_averages_over_the_classes_the_dataset_labels():
+    # 3 classes; the data never labels class 2, but the model predicts it on a class-0 pixel
+    m = torch.tensor([[3, 0, 1], [0, 2, 0], [0, 0, 0]])
+    every = summarize_confusion(m, ["road", "sky", "terrain"])
+    assert every["miou"] == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+    assert "miou_all" not in every
+    own = summarize_confusion(m, ["road", "sky", "terrain"], labelled=[0, 1])
+    assert own["miou"] == pytest.approx((0.75 + 1.0) / 2)  # the miss still costs road
+    assert own["miou_all"] == pytest.approx(every["miou"])
+    assert "iou/terrain" not in own and own["iou/road"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="labelled: expected class indices in 0..2"):
+        summarize_confusion(m, ["road", "sky", "terrain"], labelled=[3])
+    grouped = GroupedSegmentationMetrics(3, ["road", "sky", "terrain"], labelled=[0, 1])
+    grouped.update(torch.tensor([[[0, 2, 1]]]), torch.tensor([[[0, 0, 1]]]), ["unknown"])
+    out = grouped.compute(prefix="test/real/")
+    assert out["test/real/miou"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["test/real/unknown/miou"] == pytest.approx((0.5 + 1.0) / 2)

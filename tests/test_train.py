@@ -727,6 +727,61 @@ def test_a_real_dataset_without_condition_groups_trains_and_evaluates(smoke_run)
     assert "val/real/unknown/miou" in logged  # the real split's own group
 
 
+def _camvid_fixture(root: Path, frames: int = 6) -> Path:
+    """A tiny CamVid (SegNet layout) for train, val and test: sky above, road below, a car
+    band; index 11 (unlabelled) on a strip; no frame has a condition group."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(frames):
+            labels = np.zeros((36, 48), np.uint8)  # sky
+            labels[18:] = 3  # road
+            labels[14:22, 10:30] = 8  # car
+            labels[:, :2] = 11  # unlabelled
+            image = rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / split / f"0001TP_{i:06d}.png")
+            Image.fromarray(labels).save(root / f"{split}annot" / f"0001TP_{i:06d}.png")
+    return root
+
+
+def test_data_camvid_trains_end_to_end_and_scores_its_own_classes(tmp_path):
+    """data=camvid: the sim splits are generated at its size, the real ones read from the
+    SegNet layout; real mIoU averages over the 10 classes CamVid labels (no terrain)."""
+    real = _camvid_fixture(tmp_path / "camvid")
+    out = tmp_path / "out"
+    cfg = smoke_config(
+        tmp_path,
+        "data=camvid",
+        f"data.real_root={real}",
+        "randomization=light",
+        "data.image.height=32",
+        "data.image.width=48",
+        "data.generate.splits.sim_train.num_frames=24",
+        "data.generate.splits.sim_val.num_frames=8",
+        "data.generate.shard_size=16",
+        "data.loader.batch_size=10",
+        "data.loader.batches_per_epoch=2",
+        "data.loader.val_batch_size=4",
+        "stages.source_only.max_epochs=1",
+        "stages.finetune.real_fraction=1.0",
+        "log_model=false",
+        "retries=0",
+        "risk.enabled=false",
+    )
+    results = run_train(cfg)
+    metrics = results["finetune"].metrics
+    assert 0.0 <= metrics["test/real/miou"] <= 1.0
+    assert "test/real/miou_all" in metrics  # the 11-class figure, named so
+    assert "test/real/iou/terrain" not in metrics and "test/real/iou/road" in metrics
+    assert "test/sim/miou_all" not in metrics  # generated data labels every class
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    logged = client.get_run(results["finetune"].run_id).data.metrics
+    assert "test/real/unknown/miou" in logged
+
+
 def test_a_later_stage_that_cannot_run_stops_the_run_before_the_first_trains(smoke_run):
     tmp, _ = smoke_run
     out = tmp / "late"

@@ -159,17 +159,24 @@ def test_guard_passes_a_faithful_generator_and_refuses_a_degenerate_one(tmp_path
     assert "max_corruption is 30.0%" in str(e.value) and "class 'green'" in str(e.value)
 
 
-def test_guard_checks_frequent_classes_only():
-    stats = CorruptionStats(np.array([0, 5, 0]), np.array([990, 5, 5]), frames=1)
-    assert GuardLimits(0.5, 0.9, min_class_share=0.01).violations(stats, CLASSES) == []
-    found = GuardLimits(0.5, 0.9, min_class_share=0.001).violations(stats, CLASSES)
-    assert len(found) == 1 and "class 'red'" in found[0]
+def test_guard_checks_a_rare_class_by_its_pixel_count_not_its_share():
+    # the case: 9.7 % of pixels change overall, but every person pixel (0.5 %)
+    stats = CorruptionStats(np.array([45_000, 2_500, 0]), np.array([497_500, 2_500, 5]), 1)
+    found = GuardLimits(0.5, 0.6, min_class_pixels=200).violations(stats, CLASSES)
+    assert len(found) == 1 and "class 'red' (0.50% of pixels, 2500 pixels): 100.0%" in found[0]
+    # a class seen on too few pixels to judge is not checked
+    few = CorruptionStats(np.array([0, 5, 0]), np.array([990, 5, 5]), frames=1)
+    assert GuardLimits(0.5, 0.6, min_class_pixels=200).violations(few, CLASSES) == []
+    assert len(GuardLimits(0.5, 0.6, min_class_pixels=5).violations(few, CLASSES)) == 1
 
 
-@pytest.mark.parametrize("field", ["max_corruption", "max_class_corruption", "min_class_share"])
-def test_guard_limits_are_shares(field):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_corruption", 1.5), ("max_class_corruption", -0.1), ("min_class_pixels", 0.5)],
+)
+def test_guard_limits_are_checked(field, value):
     with pytest.raises(ValueError, match=f"guard.{field}"):
-        GuardLimits(**{field: 1.5})
+        GuardLimits(**{field: value})
 
 
 # ------------------------------------------------------------------ generator files

@@ -94,17 +94,26 @@ def nanmean(values: Tensor) -> float:
     return float(valid.mean()) if valid.numel() else math.nan
 
 
-def summarize_confusion(confusion: Tensor, class_names: Sequence[str]) -> dict[str, float]:
+def summarize_confusion(
+    confusion: Tensor, class_names: Sequence[str], labelled: Sequence[int] | None = None
+) -> dict[str, float]:
     """All metrics of :meth:`SegmentationMetrics.compute` from a ``(C, C)`` confusion matrix.
 
     Args:
         confusion: ``(C, C)`` counts, rows = truth, columns = prediction.
         class_names: ``C`` names, used in the per-class keys (``iou/road``).
+        labelled: indices of the classes the evaluated dataset labels (a real dataset's
+            mapping may lack some, e.g. CamVid has no ``terrain``); None: all. The macro
+            means and the per-class keys cover these classes only: a class the data never
+            labels would count 0 whenever a model predicts it. A prediction of such a
+            class is still an error of the true class (its false negative). With a
+            subset, ``miou_all`` is the mean over every class beside it.
 
     Returns:
         ``pixel_acc``, ``miou``, ``macro_f1``, ``macro_precision``, ``macro_recall`` and
         ``iou/<name>``, ``f1/<name>``, ``precision/<name>``, ``recall/<name>`` as Python
-        floats (fractions in [0, 1], or NaN as the module docstring explains).
+        floats (fractions in [0, 1], or NaN as the module docstring explains), plus
+        ``miou_all`` when ``labelled`` is a proper subset.
     """
     if confusion.shape != (len(class_names), len(class_names)):
         raise ValueError(
@@ -112,7 +121,13 @@ def summarize_confusion(confusion: Tensor, class_names: Sequence[str]) -> dict[s
             f"class_names, got {tuple(confusion.shape)}"
         )
     confusion = confusion.detach().cpu()
-    scores = per_class_scores(confusion)
+    all_scores = per_class_scores(confusion)
+    keep = sorted(set(range(len(class_names))) if labelled is None else set(labelled))
+    if not keep or keep[0] < 0 or keep[-1] >= len(class_names):
+        raise ValueError(
+            f"labelled: expected class indices in 0..{len(class_names) - 1}, got {labelled}"
+        )
+    scores = {k: v[keep] for k, v in all_scores.items()}
     total = float(confusion.sum())
     out = {
         "pixel_acc": float(confusion.diagonal().sum()) / total if total > 0 else math.nan,
@@ -121,8 +136,11 @@ def summarize_confusion(confusion: Tensor, class_names: Sequence[str]) -> dict[s
         "macro_precision": nanmean(scores["precision"]),
         "macro_recall": nanmean(scores["recall"]),
     }
+    if len(keep) < len(class_names):
+        out["miou_all"] = nanmean(all_scores["iou"])
+    names = [class_names[i] for i in keep]
     for family in PER_CLASS_KEYS:
-        for name, value in zip(class_names, scores[family].tolist(), strict=True):
+        for name, value in zip(names, scores[family].tolist(), strict=True):
             out[f"{family}/{name}"] = value
     return out
 
@@ -142,6 +160,8 @@ class SegmentationMetrics(nn.Module):
         ignore_index: target label excluded from every count (255 in this project).
         validate_args: check shapes and label ranges on every update (one host sync each);
             turn off in hot loops once the pipeline is known to be right.
+        labelled: the classes the evaluated data labels (see :func:`summarize_confusion`);
+            None: all.
 
     Example:
         >>> m = SegmentationMetrics(2, ["road", "sky"])
@@ -156,6 +176,7 @@ class SegmentationMetrics(nn.Module):
         class_names: Sequence[str],
         ignore_index: int = IGNORE_INDEX,
         validate_args: bool = True,
+        labelled: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         class_names = tuple(str(n) for n in class_names)
@@ -179,6 +200,7 @@ class SegmentationMetrics(nn.Module):
         self.class_names = class_names
         self.ignore_index = ignore_index
         self.validate_args = validate_args
+        self.labelled = None if labelled is None else tuple(int(i) for i in labelled)
         # torchmetrics' own validation only counts unique values (an out-of-range label would
         # silently land in another cell); ours checks ranges, so its (torch.unique) is skipped.
         self.confmat = MulticlassConfusionMatrix(
@@ -241,7 +263,7 @@ class SegmentationMetrics(nn.Module):
 
     def compute(self) -> dict[str, float]:
         """The metrics of the module docstring, as ``{key: float}`` (NaN = undefined)."""
-        return summarize_confusion(self.confusion(), self.class_names)
+        return summarize_confusion(self.confusion(), self.class_names, self.labelled)
 
     def reset(self) -> None:
         """Forget everything accumulated (call between epochs / evaluation runs)."""
@@ -275,7 +297,7 @@ class GroupedSegmentationMetrics(nn.Module):
     single process only (a group seen on one rank but not another would hang the sync).
 
     Args:
-        num_classes, class_names, ignore_index, validate_args: as for
+        num_classes, class_names, ignore_index, validate_args, labelled: as for
             :class:`SegmentationMetrics`.
         groups: known condition groups (fixed, DDP-safe) or ``None`` (lazy, one process).
 
@@ -295,9 +317,10 @@ class GroupedSegmentationMetrics(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         groups: Sequence[str] | None = None,
         validate_args: bool = True,
+        labelled: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self._args = (num_classes, tuple(class_names), ignore_index, validate_args)
+        self._args = (num_classes, tuple(class_names), ignore_index, validate_args, labelled)
         self.overall = SegmentationMetrics(*self._args)
         self.fixed_groups = groups is not None
         self.groups = nn.ModuleDict()
@@ -366,7 +389,7 @@ class GroupedSegmentationMetrics(nn.Module):
             confusion = metrics.confusion()  # every rank computes every group: a collective
             if int(confusion.sum()) == 0:
                 continue  # decided on the synced matrix, so all ranks skip the same groups
-            summary = summarize_confusion(confusion, metrics.class_names)
+            summary = summarize_confusion(confusion, metrics.class_names, metrics.labelled)
             out.update({f"{prefix}{group}/{k}": summary[k] for k in GROUP_KEYS})
         return out
 

@@ -50,6 +50,9 @@ class SegmentationTask(pl.LightningModule):
             Objective`, e.g. DANN's domain loss) by name: each is called as ``loss, logs =
             objective(batch, outputs)`` on every training batch and its ``logs`` are
             logged as ``train/<key>``; their parameters join the optimizer.
+        labelled: ``{domain: class indices}`` the evaluated data of a domain labels (a
+            real dataset may lack classes of the taxonomy): its mIoU averages over them,
+            with ``miou_all`` over every class beside it; a domain not named: all.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SegmentationTask(pl.LightningModule):
         image_rows: int = 6,
         channels_last: bool = True,
         objectives: Mapping[str, nn.Module] | None = None,
+        labelled: Mapping[str, Sequence[int] | None] | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -80,7 +84,12 @@ class SegmentationTask(pl.LightningModule):
         n = len(self.class_names)
         names = sorted(set(self.val_names) | set(self.test_names))
         self.metrics = nn.ModuleDict(
-            {d: GroupedSegmentationMetrics(n, self.class_names, groups=groups) for d in names}
+            {
+                d: GroupedSegmentationMetrics(
+                    n, self.class_names, groups=groups, labelled=(labelled or {}).get(d)
+                )
+                for d in names
+            }
         )
         self._examples: dict[str, tuple[torch.Tensor, ...]] = {}
         #: Latest computed figures by key (``val/real/miou``, ``test/gap/miou``, ...).
@@ -106,20 +115,7 @@ class SegmentationTask(pl.LightningModule):
             logits = self(batch["image"])
             loss = self.loss(logits, batch["mask"])
         else:
-            logits, features = self.model.forward_features(self._layout(batch["image"]))
-            loss = self.loss(logits, batch["mask"])
-            outputs = StepOutputs(
-                logits=logits,
-                features=features,
-                forward_features=lambda x: self.model.forward_features(self._layout(x)),
-                step=int(self.global_step),
-                total_steps=int(self.trainer.estimated_stepping_batches) if self._trainer else 1,
-            )
-            for objective in self.objectives.values():
-                term, logs = objective(batch, outputs)
-                loss = loss + term
-                for key, value in logs.items():
-                    self.log(f"train/{key}", value, batch_size=bs)
+            loss, logits = self._adapted_step(batch, bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         with torch.no_grad():  # per-domain loss, for watching the two halves of the mix
             for name, dom in (("sim", 0), ("real", 1)):
@@ -128,6 +124,39 @@ class SegmentationTask(pl.LightningModule):
                     part = self.loss(logits[sel], batch["mask"][sel])
                     self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
         return loss
+
+    def _adapted_step(self, batch: dict[str, Any], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task loss plus every objective's term; the labelled batch and the images
+        the objectives ask for go through the student in one forward pass."""
+        step = int(self.global_step)
+        extras = {name: obj.extra_images(batch, step) for name, obj in self.objectives.items()}
+        images = [batch["image"], *(x.to(batch["image"]) for x in extras.values() if x is not None)]
+        all_logits, all_features = self.model.forward_features(self._layout(torch.cat(images)))
+        logits, features = all_logits[:bs], all_features[:bs]
+        loss = self.loss(logits, batch["mask"])
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
+        start = bs
+        for name, objective in self.objectives.items():
+            extra_logits = extra_features = None
+            if extras[name] is not None:
+                n = extras[name].shape[0]
+                extra_logits = all_logits[start : start + n]
+                extra_features = all_features[start : start + n]
+                start += n
+            outputs = StepOutputs(
+                logits=logits,
+                features=features,
+                forward_features=lambda x: self.model.forward_features(self._layout(x)),
+                step=step,
+                total_steps=total,
+                extra_logits=extra_logits,
+                extra_features=extra_features,
+            )
+            term, logs = objective(batch, outputs)
+            loss = loss + term
+            for key, value in logs.items():
+                self.log(f"train/{key}", value, batch_size=bs)
+        return loss, logits
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())

@@ -278,7 +278,7 @@ class CycleGANTranslation(PixelAdaptation):
         image_every: interval of the image grid and guard figure, in batches.
         translate_batch_size: images per translation batch.
         guard: ``frames``, ``max_corruption``, ``max_class_corruption``,
-            ``min_class_share`` (:class:`~adaptation.cyclegan.translate.GuardLimits`).
+            ``min_class_pixels`` (:class:`~adaptation.cyclegan.translate.GuardLimits`).
         key: where this component sits in the config, for messages.
     """
 
@@ -327,7 +327,10 @@ class CycleGANTranslation(PixelAdaptation):
             if name not in GuardLimits.__dataclass_fields__:
                 known = ["frames", *GuardLimits.__dataclass_fields__]
                 raise ConfigError(f"{key}.guard.{name}: unknown key, expected one of {known}")
-            limits[name] = float(check_number(f"{key}.guard.{name}", value, low=0, high=1))
+            if name == "min_class_pixels":
+                limits[name] = check_number(f"{key}.guard.{name}", value, low=0, integer=True)
+            else:
+                limits[name] = float(check_number(f"{key}.guard.{name}", value, low=0, high=1))
         self.limits = GuardLimits(**limits)
         self._given: tuple[Path, str] | None = None  # the resolved ``generator``
 
@@ -375,7 +378,7 @@ class CycleGANTranslation(PixelAdaptation):
                 "frames": self.guard_frames,
                 "max_corruption": self.limits.max_corruption,
                 "max_class_corruption": self.limits.max_class_corruption,
-                "min_class_share": self.limits.min_class_share,
+                "min_class_pixels": self.limits.min_class_pixels,
             },
         )
 

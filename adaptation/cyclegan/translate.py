@@ -91,20 +91,29 @@ class GuardLimits:
 
     Args:
         max_corruption: the largest acceptable overall label-corruption rate, in [0, 1].
-        max_class_corruption: the largest acceptable rate of any one class that holds at
-            least ``min_class_share`` of the source pixels (rare classes are noisy).
-        min_class_share: share of pixels, in [0, 1], from which a class is checked.
+        max_class_corruption: the largest acceptable rate of any one class, in [0, 1],
+            whatever its share of the pixels: a translation that repaints every person
+            corrupts the labels that matter most even though persons hold 1 % of pixels.
+        min_class_pixels: pixels of a class (in the guard's frames) from which its rate is
+            checked: below it the rate is too noisy to judge (a count, not a share, so a
+            rare class is checked as soon as it has been seen enough).
     """
 
     max_corruption: float = 0.5
-    max_class_corruption: float = 0.9
-    min_class_share: float = 0.01
+    max_class_corruption: float = 0.6
+    min_class_pixels: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("max_corruption", "max_class_corruption", "min_class_share"):
+        for name in ("max_corruption", "max_class_corruption"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"guard.{name}: expected a share in [0, 1], got {value!r}")
+        if isinstance(self.min_class_pixels, bool) or not (
+            isinstance(self.min_class_pixels, int) and self.min_class_pixels >= 0
+        ):
+            raise ValueError(
+                f"guard.min_class_pixels: expected an integer >= 0, got {self.min_class_pixels!r}"
+            )
 
     def violations(self, stats: CorruptionStats, class_names: Sequence[str]) -> list[str]:
         """Human-readable reasons to refuse the translation (empty: it passes)."""
@@ -117,10 +126,12 @@ class GuardLimits:
                 f"(guard.max_corruption is {100 * self.max_corruption:.1f}%)"
             )
         share = stats.total / stats.total.sum()
-        for name, rate, s in zip(class_names, stats.per_class(), share, strict=True):
-            if s >= self.min_class_share and rate > self.max_class_corruption:
+        rows = zip(class_names, stats.per_class(), share, stats.total, strict=True)
+        for name, rate, s, pixels in rows:
+            if pixels >= max(self.min_class_pixels, 1) and rate > self.max_class_corruption:
                 reasons.append(
-                    f"class '{name}' ({100 * s:.1f}% of pixels): {100 * rate:.1f}% change class "
+                    f"class '{name}' ({100 * s:.2f}% of pixels, {int(pixels)} pixels): "
+                    f"{100 * rate:.1f}% change class "
                     f"(guard.max_class_corruption is {100 * self.max_class_corruption:.1f}%)"
                 )
         return reasons

@@ -163,18 +163,68 @@ def verify_training_datasets(
     return out
 
 
+def labelled_classes(dataset: Any) -> list[int] | None:
+    """The taxonomy classes ``dataset`` labels (a reader's ``labelled_classes``, looked up
+    through subsets and screened wrappers); None: every class (generated data)."""
+    while dataset is not None:
+        if hasattr(dataset, "labelled_classes"):
+            return dataset.labelled_classes
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+#: Labelled real frames read to count a stage's real class histogram (an even sample).
+HISTOGRAM_FRAMES = 512
+
+
 def class_pixel_counts(
-    datasets: Mapping[str, Any], sim_ratio: float, class_names: list[str]
+    sim_train: Any,
+    real_labelled: Any,
+    sim_ratio: float,
+    num_classes: int,
+    class_names: list[str],
+    frames: int = HISTOGRAM_FRAMES,
 ) -> np.ndarray:
-    """Training-label pixel counts per class, from the dataset cards (no pass over data):
-    the sim training set when the stage uses sim, else the real one, else uniform."""
-    order = ("sim_train", "real_train") if sim_ratio > 0 else ("real_train", "sim_train")
-    for role in order:
-        card = getattr(datasets.get(role), "card", None)
-        if card and "class_pixel_histogram" in card:
-            hist = card["class_pixel_histogram"]
-            return np.asarray([hist.get(c, 0) for c in class_names], dtype=np.float64)
-    return np.ones(len(class_names))
+    """``(C,)`` class shares of the labels a stage trains on, each domain weighted by its
+    share of the batch: ``sim_ratio * p_sim + (1 - sim_ratio) * p_real``.
+
+    One rule for every stage of a comparison (sim only, real only, the 90/10 mix), so no
+    stage trains with weights another never sees. ``p_sim`` comes from the sim set's card
+    (every frame), else from counting; ``p_real`` is always counted on the labelled real
+    frames the stage draws from (up to ``frames`` of them, evenly spaced): a real reader
+    has no card, and a generated real set's card would count labels the stage never sees.
+    Uniform when neither side has a labelled pixel.
+    """
+    shares = np.zeros(num_classes)
+    for dataset, weight in ((sim_train, sim_ratio), (real_labelled, 1.0 - sim_ratio)):
+        if dataset is None or weight <= 0 or len(dataset) == 0:
+            continue
+        counts = _card_histogram(dataset, class_names)
+        if counts is None or dataset is real_labelled:
+            counts = _count_labels(dataset, num_classes, frames)
+        if counts.sum() > 0:
+            shares += weight * counts / counts.sum()
+    return shares if shares.sum() > 0 else np.ones(num_classes)
+
+
+def _card_histogram(dataset: Any, class_names: list[str]) -> np.ndarray | None:
+    card = getattr(dataset, "card", None)
+    if isinstance(card, Mapping) and "class_pixel_histogram" in card:
+        hist = card["class_pixel_histogram"]
+        return np.asarray([hist.get(c, 0) for c in class_names], dtype=np.float64)
+    return None
+
+
+def _count_labels(dataset: Any, num_classes: int, frames: int) -> np.ndarray:
+    """Pixel counts per class over an even sample of ``frames`` items (255 ignored)."""
+    n = len(dataset)
+    picks = np.unique(np.linspace(0, n - 1, num=min(n, frames)).round().astype(int))
+    counts = np.zeros(num_classes)
+    for i in picks:
+        mask = np.asarray(dataset[int(i)]["mask"]).ravel()
+        mask = mask[mask < num_classes]
+        counts += np.bincount(mask, minlength=num_classes)[:num_classes]
+    return counts
 
 
 class Screening:

@@ -15,7 +15,7 @@ import numpy as np
 
 from adaptation.plugin import ModelInfo
 from core.seeding import seeded
-from training.stages.data import class_pixel_counts
+from training.stages.data import class_pixel_counts, labelled_classes
 from training.stages.specs import StageSpec
 from training.stages.store import StageRecord, StageRun, StageStore
 
@@ -149,7 +149,13 @@ def build_stage(
     model = build_model(recipe, taxonomy.num_classes)
     if init is not None:
         load_checkpoint_weights(model, init, key=f"stages.{spec.name}.init")
-    counts = class_pixel_counts(datasets, spec.sim_ratio, list(taxonomy.classes))
+    counts = class_pixel_counts(
+        dm.sim_train if spec.sim_ratio > 0 else None,
+        dm.real_subset if spec.sim_ratio < 1 else None,
+        spec.sim_ratio,
+        taxonomy.num_classes,
+        list(taxonomy.classes),
+    )
     weights = class_weights_from_histogram(counts, method=recipe.class_weighting)
     loss = SegmentationLoss(taxonomy.num_classes, weights, label_smoothing=recipe.label_smoothing)
     groups = condition_groups(datasets.values())
@@ -173,6 +179,14 @@ def build_stage(
         val_names=dm.val_names,
         test_names=dm.test_names,
         objectives=built,
+        labelled={
+            "sim": labelled_classes(datasets.get("sim_val")),
+            "real": labelled_classes(
+                datasets["real_test"]
+                if datasets.get("real_test") is not None
+                else datasets.get("real_val")
+            ),
+        },
     )
     callbacks = [cb for c in objectives for cb in c.plugin.callbacks(built[c.name])]
 
