@@ -158,6 +158,8 @@ class ModelInfo:
             a teacher) from it, so the same seed gives the same run.
         student: the task model itself, with its initial weights (a mean teacher starts as
             its copy); an objective must not register it as its own submodule.
+        class_names: the taxonomy's classes in index order (names of per-class logs).
+        palette: ``(256, 3) uint8`` label colours, for image grids; None: none drawn.
     """
 
     feature_channels: int
@@ -165,6 +167,8 @@ class ModelInfo:
     unlabeled: Callable[[int | None], Any] | None
     seed: int = 0
     student: nn.Module | None = None
+    class_names: tuple[str, ...] = ()
+    palette: Any = None
 
 
 def unlabeled_batches(model: ModelInfo, batch_size: int | None, method: str) -> Callable[[], Any]:

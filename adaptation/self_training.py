@@ -24,6 +24,8 @@ the same masks whatever ran before it.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +40,8 @@ from adaptation.plugin import (
     TaskAdaptation,
     unlabeled_batches,
 )
+
+log = logging.getLogger(__name__)
 
 IGNORE = 255
 KEY = "adaptation.self_training"
@@ -79,9 +83,9 @@ def pseudo_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Ten
     return labels, confidence, confident.float().mean(dim=(1, 2))
 
 
-def classmix_masks(labels: Tensor, generator: torch.Generator) -> Tensor:
-    """``(B, H, W)`` bool masks: for each labelled map, the pixels of a random half of the
-    classes it holds (ignored pixels never pasted)."""
+def classmix_masks(labels: Tensor, generator: torch.Generator, ratio: float = 0.5) -> Tensor:
+    """``(B, H, W)`` bool masks: for each labelled map, the pixels of a random ``ratio``
+    of the classes it holds (rounded up; ClassMix: half), ignored pixels never pasted."""
     masks = torch.zeros_like(labels, dtype=torch.bool)
     for b, label in enumerate(labels):
         classes = torch.unique(label)
@@ -89,7 +93,8 @@ def classmix_masks(labels: Tensor, generator: torch.Generator) -> Tensor:
         if len(classes) == 0:
             continue
         order = torch.randperm(len(classes), generator=generator)
-        chosen = classes[order[: (len(classes) + 1) // 2].to(classes.device)]
+        count = math.ceil(ratio * len(classes) - 1e-9)
+        chosen = classes[order[:count].to(classes.device)]
         masks[b] = torch.isin(label, chosen)
     return masks
 
@@ -124,11 +129,37 @@ def weighted_ce(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
     return (per_pixel * weights.view(-1, 1, 1)).mean()
 
 
+def example_grid(real: Tensor, pseudo: Tensor, mixed: Tensor, student: Tensor, palette: Any) -> Any:
+    """Rows of ``[real | pseudo-label | mixed image | student]`` as ``(R * H, 4 * W, 3)``
+    uint8: images ``(R, 3, H, W)`` in [0, 1], labels ``(R, H, W)`` coloured with
+    ``palette`` ``(256, 3)`` (ignored pixels black)."""
+    import numpy as np
+
+    palette = np.asarray(palette, dtype=np.uint8).copy()
+    palette[IGNORE] = 0
+
+    def rgb(x: Tensor) -> Any:
+        return (x.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(
+            np.uint8
+        )
+
+    def colour(labels: Tensor) -> Any:
+        return palette[labels.detach().cpu().numpy().astype(np.int64)]
+
+    panels = [rgb(real), colour(pseudo), rgb(mixed), colour(student)]
+    return np.concatenate(
+        [np.concatenate(row, axis=1) for row in zip(*panels, strict=True)], axis=0
+    )
+
+
 # ------------------------------------------------------------------ the objective
 class SelfTrainingObjective(Objective):
     """The self-training loss terms of one stage (module doc). Logs ``self_training/*``:
     ``loss_mix``, ``loss_mic``, ``confidence``, ``confident_share``, ``agreement``
-    (teacher vs student on the real images), ``top_class_share`` and ``collapsed``."""
+    (teacher vs student on the real images), ``pseudo/<class>`` (each class's share of
+    the confident pseudo-labels), ``top_class_share`` and ``collapsed``; every
+    ``image_every`` steps it keeps rows of ``real | pseudo-label | mixed | student`` in
+    :attr:`example` for the callback to log."""
 
     def __init__(
         self,
@@ -141,6 +172,10 @@ class SelfTrainingObjective(Objective):
         mic_patch: int,
         seed: int,
         num_classes: int,
+        mix_ratio: float = 0.5,
+        class_names: Sequence[str] = (),
+        image_every: int = 0,
+        palette: Any = None,
     ) -> None:
         super().__init__()
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
@@ -150,8 +185,13 @@ class SelfTrainingObjective(Objective):
         self.threshold, self.weight = float(threshold), float(weight)
         self.mix, self.mic_ratio, self.mic_patch = bool(mix), float(mic_ratio), int(mic_patch)
         self.seed, self.num_classes = int(seed), int(num_classes)
+        self.mix_ratio, self.image_every = float(mix_ratio), int(image_every)
+        self.palette = palette
+        self.class_names = list(class_names) or [str(i) for i in range(self.num_classes)]
         #: the last step's pseudo-label class shares, for the collapse alert
         self.class_shares = torch.zeros(self.num_classes)
+        #: ``(real, pseudo-labels, mixed, student)`` rows of the last image step, or None
+        self.example: tuple[Tensor, ...] | None = None
 
     def train(self, mode: bool = True) -> SelfTrainingObjective:
         super().train(mode)
@@ -177,7 +217,8 @@ class SelfTrainingObjective(Objective):
         if self.mix:
             source, source_labels = batch["image"], batch["mask"]
             n = min(len(source), len(real))
-            masks = classmix_masks(source_labels[:n].cpu(), generator).to(device)
+            masks = classmix_masks(source_labels[:n].cpu(), generator, self.mix_ratio)
+            masks = masks.to(device)
             images, mixed = classmix(source[:n], source_labels[:n], real[:n], labels[:n], masks)
             # pasted pixels carry true labels: weight 1 there, the quality weight elsewhere
             mixed_logits, _ = outputs.forward_features(images)
@@ -211,19 +252,31 @@ class SelfTrainingObjective(Objective):
             counts = torch.bincount(confident.flatten().cpu(), minlength=self.num_classes)
             shares = counts.float() / max(int(counts.sum()), 1)
             self.class_shares = shares
+            for name, share in zip(self.class_names, shares.tolist(), strict=True):
+                logs[f"self_training/pseudo/{name}"] = share
             logs["self_training/top_class_share"] = shares.max()
             logs["self_training/collapsed"] = float(shares.max() > COLLAPSE_SHARE)
+            if self.image_every and outputs.step % self.image_every == 0:
+                rows = slice(0, 4)
+                shown = images if self.mix else real
+                self.example = tuple(
+                    t[rows].detach().cpu() for t in (real, labels, shown, student_real.argmax(1))
+                )
         return loss, logs
 
 
-def teacher_update(objective: SelfTrainingObjective, momentum: float) -> Any:
+def teacher_update(objective: SelfTrainingObjective, momentum: float, palette: Any = None) -> Any:
     """A Lightning callback: the EMA update after every training batch's optimizer step
-    (validation and testing never call it)."""
+    (validation and testing never call it); the ``real | pseudo | mixed | student`` grid
+    logged when the objective kept one; and the collapse alert: the first step whose
+    confident pseudo-labels are more than 95 % one class warns and tags the run
+    ``alert/self_training_collapse`` (``<class> <share> at step <n>``)."""
     import pytorch_lightning as pl
 
     class TeacherUpdate(pl.Callback):
         def __init__(self) -> None:
             self.updated_at = -1  # the optimizer step the teacher last followed
+            self.alerted = False
 
         def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
             step = trainer.global_step  # counts this batch's optimizer step, if it made one
@@ -231,8 +284,31 @@ def teacher_update(objective: SelfTrainingObjective, momentum: float) -> Any:
                 return
             self.updated_at = step
             ema_update(objective.teacher, objective._student[0], ema_momentum(step - 1, momentum))
+            if objective.example is not None and palette is not None and trainer.is_global_zero:
+                grid = example_grid(*objective.example, palette)
+                module.log_image(grid, f"self_training/examples_step{step - 1:06d}.png")
+                objective.example = None
+            shares = objective.class_shares
+            if not self.alerted and float(shares.max()) > COLLAPSE_SHARE:
+                self.alerted = True
+                top = objective.class_names[int(shares.argmax())]
+                message = f"{top} {float(shares.max()):.3f} at step {step - 1}"
+                log.warning(
+                    "self-training: the teacher's confident pseudo-labels collapsed to one "
+                    "class (%s); check adaptation.self_training.threshold and the source model",
+                    message,
+                )
+                _tag(module, "alert/self_training_collapse", message)
 
     return TeacherUpdate()
+
+
+def _tag(module: Any, key: str, value: str) -> None:
+    """Set an MLflow tag on the module's run, when its logger is MLflow's."""
+    logger = getattr(module, "logger", None)
+    experiment, run_id = getattr(logger, "experiment", None), getattr(logger, "run_id", None)
+    if experiment is not None and run_id is not None and hasattr(experiment, "set_tag"):
+        experiment.set_tag(run_id, key, value)
 
 
 class SelfTraining(TaskAdaptation):
@@ -244,9 +320,11 @@ class SelfTraining(TaskAdaptation):
         threshold: pseudo-label confidence threshold, in (0, 1).
         weight: weight of each self-training term.
         mix: ClassMix cross-domain mixing on (a labelled image pasted on a real one).
+        mix_ratio: share of a labelled image's classes ClassMix pastes, in [0, 1] (0.5).
         mic_ratio: share of patches MIC hides from the student, in [0, 1] (0: MIC off).
         mic_patch: MIC's patch size, pixels.
         unlabeled_batch_size: unlabelled real images per step; None: the labelled batch.
+        image_every: steps between ``real | pseudo | mixed | student`` grids (0: none).
     """
 
     def __init__(
@@ -259,6 +337,8 @@ class SelfTraining(TaskAdaptation):
         mic_ratio: float = 0.0,
         mic_patch: int = 16,
         unlabeled_batch_size: int | None = None,
+        mix_ratio: float = 0.5,
+        image_every: int = 100,
     ) -> None:
         from core.config import check_number
 
@@ -269,6 +349,8 @@ class SelfTraining(TaskAdaptation):
         )
         self.weight = check_number(f"{KEY}.weight", weight, low=0)
         self.mix = bool(mix)
+        self.mix_ratio = check_number(f"{KEY}.mix_ratio", mix_ratio, low=0, high=1)
+        self.image_every = check_number(f"{KEY}.image_every", image_every, low=0, integer=True)
         self.mic_ratio = check_number(f"{KEY}.mic_ratio", mic_ratio, low=0, high=1)
         self.mic_patch = check_number(f"{KEY}.mic_patch", mic_patch, low=1, integer=True)
         self.unlabeled_batch_size = check_number(
@@ -294,8 +376,12 @@ class SelfTraining(TaskAdaptation):
             self.mic_patch,
             model.seed,
             model.num_classes,
+            mix_ratio=self.mix_ratio,
+            class_names=model.class_names,
+            image_every=self.image_every if model.palette is not None else 0,
+            palette=model.palette,
         )
 
     def callbacks(self, objective: Objective) -> list[Any]:
         assert isinstance(objective, SelfTrainingObjective)
-        return [teacher_update(objective, self.momentum)]
+        return [teacher_update(objective, self.momentum, objective.palette)]

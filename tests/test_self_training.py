@@ -153,6 +153,8 @@ def test_mic_masks_the_students_input_only():
         ({"threshold": 0.0}, r"adaptation.self_training.threshold"),
         ({"momentum": 1.0}, r"adaptation.self_training.momentum: expected a number in \[0, 1\)"),
         ({"mic_ratio": 1.5}, r"adaptation.self_training.mic_ratio: expected a number in \[0, 1\]"),
+        ({"mix_ratio": -0.1}, r"adaptation.self_training.mix_ratio: expected a number in \[0, 1\]"),
+        ({"image_every": -1}, r"adaptation.self_training.image_every"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs, match):
@@ -164,3 +166,101 @@ def test_no_unlabelled_images_is_refused():
     info = ModelInfo(3, 3, unlabeled=None, seed=0, student=Tiny())
     with pytest.raises(ConfigError, match="data.datasets.real_unlabeled: self-training needs"):
         SelfTraining(["source_only"]).objective(info)
+
+
+class Linear(nn.Module):
+    """A per-pixel linear classifier ``(B, 3, H, W) -> (B, 2, H, W)`` (no BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward_features(self, x):
+        logits = self.conv(x)
+        return logits, logits
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _shifted_domain(gen, n, shift):
+    """Images whose left half is class 0 (channel 0 near -1), right half class 1 (near +1),
+    every value moved by ``shift``: the target is a colour-shifted copy of the source."""
+    labels = torch.zeros(n, 8, 8, dtype=torch.long)
+    labels[:, :, 4:] = 1
+    images = (labels.float() * 2 - 1).unsqueeze(1).repeat(1, 3, 1, 1)
+    images = images + 0.35 * torch.randn(images.shape, generator=gen) + shift
+    return images, labels
+
+
+def _accuracy(model, images, labels) -> float:
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+def test_self_training_beats_source_only_on_a_colour_shifted_target():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ce = nn.CrossEntropyLoss()
+    for _ in range(100):  # source only
+        x, y = _shifted_domain(gen, 8, 0.0)
+        opt.zero_grad()
+        ce(model(x), y).backward()
+        opt.step()
+    test_x, test_y = _shifted_domain(torch.Generator().manual_seed(9), 64, 0.9)
+    source_only = _accuracy(model, test_x, test_y)
+
+    def real():
+        while True:
+            yield {"image": _shifted_domain(gen, 8, 0.9)[0]}
+
+    objective = SelfTrainingObjective(model, real, 0.6, 1.0, True, 0.0, 4, 0, 2)
+    for step in range(400):
+        x, y = _shifted_domain(gen, 8, 0.0)
+        logits, features = model.forward_features(x)
+        outputs = StepOutputs(logits, features, model.forward_features, step, 400)
+        term, logs = objective({"image": x, "mask": y}, outputs)
+        opt.zero_grad()
+        (ce(logits, y) + term).backward()
+        opt.step()
+        ema_update(objective.teacher, model, ema_momentum(step, 0.9))
+    adapted = _accuracy(model, test_x, test_y)
+    assert source_only < 0.9  # the shift costs the source model
+    assert adapted > source_only + 0.1, (source_only, adapted)  # 0.84 -> 0.99 here
+    assert logs["self_training/pseudo/0"] + logs["self_training/pseudo/1"] == pytest.approx(1)
+
+
+def test_a_collapsed_teacher_raises_an_alert_and_the_grid_is_drawn(caplog):
+    import numpy as np
+
+    student = Tiny()
+    objective = SelfTrainingObjective(
+        student, lambda: iter(()), 0.5, 1.0, False, 0.0, 4, 0, 3, class_names=["a", "b", "c"]
+    )
+    objective.class_shares = torch.tensor([0.97, 0.02, 0.01])
+    callback = teacher_update(objective, 0.9, palette=np.zeros((256, 3), np.uint8))
+    tags, images = {}, {}
+
+    class Experiment:
+        def set_tag(self, run_id, key, value):
+            tags[key] = value
+
+    class Module:
+        logger = type("L", (), {"experiment": Experiment(), "run_id": "r"})()
+
+        def log_image(self, image, name):
+            images[name] = image
+
+    objective.example = (
+        torch.rand(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long),
+        torch.rand(2, 3, 4, 5), torch.ones(2, 4, 5, dtype=torch.long),
+    )  # fmt: skip
+    trainer = type("T", (), {"global_step": 3, "is_global_zero": True})()
+    with caplog.at_level("WARNING"):
+        callback.on_train_batch_end(trainer, Module())
+    assert tags == {"alert/self_training_collapse": "a 0.970 at step 2"}
+    assert "collapsed to one class (a 0.970 at step 2)" in caplog.text
+    [(name, grid)] = images.items()
+    assert name == "self_training/examples_step000002.png" and grid.shape == (8, 20, 3)

@@ -839,7 +839,7 @@ def test_same_seed_same_weights_in_two_output_folders(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_self_training_adapts_the_pretraining_stage(smoke_run):
+def test_self_training_adapts_the_pretraining_and_the_finetune(smoke_run):
     tmp, plain = smoke_run
     out = tmp / "self_training"
     cfg = smoke_config(
@@ -847,16 +847,20 @@ def test_self_training_adapts_the_pretraining_stage(smoke_run):
         "adaptation=self_training",
         "adaptation.self_training.mic_ratio=0.5",
         "adaptation.self_training.threshold=0.5",
+        "adaptation.self_training.image_every=4",
         "stages.source_only.max_epochs=1",
         "log_model=false",
         f"paths.output={out}",
     )
     results = run_train(cfg)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    src = client.get_run(results["source_only"].run_id).data.metrics
-    for key in ("loss_mix", "loss_mic", "confidence", "confident_share", "agreement"):
-        assert f"train/self_training/{key}" in src, key
-    assert 0.0 <= src["train/self_training/agreement"] <= 1.0
+    for stage in ("source_only", "finetune"):  # sim only, then sim + the labelled real share
+        run_id = results[stage].run_id
+        logged = client.get_run(run_id).data.metrics
+        for key in ("loss_mix", "loss_mic", "confidence", "confident_share", "agreement"):
+            assert f"train/self_training/{key}" in logged, (stage, key)
+        assert 0.0 <= logged["train/self_training/agreement"] <= 1.0
+        assert "train/self_training/pseudo/road" in logged
+        artifacts = [a.path for a in client.list_artifacts(run_id, "self_training")]
+        assert "self_training/examples_step000000.png" in artifacts, artifacts
     assert results["source_only"].run_dir.name != plain["source_only"].run_dir.name
-    fin = client.get_run(results["finetune"].run_id).data.metrics
-    assert "train/self_training/loss_mix" not in fin

@@ -166,6 +166,8 @@ def build_stage(
         unlabeled=dm.unlabeled_dataloader if has_unlabeled else None,
         seed=recipe.seed,
         student=model,
+        class_names=tuple(taxonomy.classes),
+        palette=taxonomy.palette(),
     )
     built = {c.name: c.plugin.objective(info) for c in objectives}
     task = SegmentationTask(
