@@ -50,6 +50,8 @@ class SegmentationTask(pl.LightningModule):
             Objective`, e.g. DANN's domain loss) by name: each is called as ``loss, logs =
             objective(batch, outputs)`` on every training batch and its ``logs`` are
             logged as ``train/<key>``; their parameters join the optimizer.
+        real_loss_share: share of the task loss the batch's real samples carry (the sim
+            samples the rest), in [0, 1]; None: one mean over every labelled pixel.
         labelled: ``{domain: class indices}`` the evaluated data of a domain labels (a
             real dataset may lack classes of the taxonomy): its mIoU averages over them,
             with ``miou_all`` over every class beside it; a domain not named: all.
@@ -70,6 +72,7 @@ class SegmentationTask(pl.LightningModule):
         channels_last: bool = True,
         objectives: Mapping[str, nn.Module] | None = None,
         labelled: Mapping[str, Sequence[int] | None] | None = None,
+        real_loss_share: float | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -97,6 +100,7 @@ class SegmentationTask(pl.LightningModule):
         #: ``{domain: {group: (C, C) confusion}}`` of the last test run (fairness, T-08).
         self.test_group_confusions: dict[str, dict[str, np.ndarray]] = {}
         self.objectives = nn.ModuleDict(dict(objectives or {}))
+        self.real_loss_share = None if real_loss_share is None else float(real_loss_share)
         # pooled encoder features of the first validation images of each domain, for the
         # proxy A-distance (a gap measure independent of the labels)
         self._pad_features: dict[str, list[torch.Tensor]] = {}
@@ -113,7 +117,7 @@ class SegmentationTask(pl.LightningModule):
         bs = batch["image"].shape[0]
         if not self.objectives:
             logits = self(batch["image"])
-            loss = self.loss(logits, batch["mask"])
+            loss = self.task_loss(logits, batch)
         else:
             loss, logits = self._adapted_step(batch, bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -125,6 +129,20 @@ class SegmentationTask(pl.LightningModule):
                     self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
         return loss
 
+    def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The segmentation loss of a labelled batch: one mean over its pixels, or with
+        ``real_loss_share`` = w, ``(1 - w) * loss(sim samples) + w * loss(real samples)``
+        (a batch of one domain: that domain's loss)."""
+        if self.real_loss_share is None:
+            return self.loss(logits, batch["mask"])
+        real = batch["domain"] == 1
+        n_real = int(real.sum())
+        if n_real in (0, real.numel()):
+            return self.loss(logits, batch["mask"])
+        w = self.real_loss_share
+        sim_loss = self.loss(logits[~real], batch["mask"][~real])
+        return (1.0 - w) * sim_loss + w * self.loss(logits[real], batch["mask"][real])
+
     def _adapted_step(self, batch: dict[str, Any], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The task loss plus every objective's term; the labelled batch and the images
         the objectives ask for go through the student in one forward pass."""
@@ -133,7 +151,7 @@ class SegmentationTask(pl.LightningModule):
         images = [batch["image"], *(x.to(batch["image"]) for x in extras.values() if x is not None)]
         all_logits, all_features = self.model.forward_features(self._layout(torch.cat(images)))
         logits, features = all_logits[:bs], all_features[:bs]
-        loss = self.loss(logits, batch["mask"])
+        loss = self.task_loss(logits, batch)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
         start = bs
         for name, objective in self.objectives.items():

@@ -189,8 +189,22 @@ def build_stage(
                 else datasets.get("real_val")
             ),
         },
+        real_loss_share=spec.real_loss_share,
     )
     callbacks = [cb for c in objectives for cb in c.plugin.callbacks(built[c.name])]
+    if spec.bn_recalibration and not has_unlabeled:
+        from core.config import ConfigError
+
+        raise ConfigError(
+            f"stages.{spec.name}.bn_recalibration: needs unlabelled real images "
+            "(data.datasets.real_unlabeled or real_train); none found"
+        )
+    if spec.bn_recalibration and spec.sim_ratio > 0:
+        from training.batchnorm import batchnorm_recalibration
+
+        callbacks.append(
+            batchnorm_recalibration(lambda: iter(dm.unlabeled_dataloader()), spec.bn_recalibration)
+        )
 
     return dm, task, callbacks
 

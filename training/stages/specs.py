@@ -14,7 +14,15 @@ from typing import Any
 from core.config import ConfigError, check_number
 
 #: The keys a stage config may hold (configs/stage/*.yaml).
-STAGE_KEYS = ("sim_ratio", "real_fraction", "init", "max_epochs", "batches_per_epoch")
+STAGE_KEYS = (
+    "sim_ratio",
+    "real_fraction",
+    "init",
+    "max_epochs",
+    "batches_per_epoch",
+    "real_loss_share",
+    "bn_recalibration",
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,12 @@ class StageSpec:
             or None (from scratch).
         max_epochs: training epochs (>= 1).
         batches_per_epoch: training batches per epoch; None: ``data.loader``'s.
+        real_loss_share: share of the task loss the batch's real samples carry, in [0, 1]
+            (the sim samples carry the rest); None: every labelled pixel weighs the same,
+            so a 90/10 batch gives the real labels about a tenth of the gradient.
+        bn_recalibration: batches of unlabelled real images over which the BatchNorm
+            running statistics are estimated again before every validation (AdaBN); 0:
+            off, the statistics of the (mostly sim) training batches are kept.
     """
 
     name: str
@@ -37,6 +51,8 @@ class StageSpec:
     init: str | None
     max_epochs: int
     batches_per_epoch: int | None
+    real_loss_share: float | None = None
+    bn_recalibration: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,12 @@ def stage_specs(stages: Any, retries: Any) -> list[StageSpec]:
             integer=True,
             optional=True,
         )
+        share = check_number(
+            f"{key}.real_loss_share", node.get("real_loss_share"), low=0, high=1, optional=True
+        )
+        recalibration = check_number(
+            f"{key}.bn_recalibration", node.get("bn_recalibration", 0), low=0, integer=True
+        )
         init = node.get("init") or None
         if init and init in stages and names.index(init) >= i:
             raise ConfigError(f"{key}.init: stage '{init}' must come before '{name}'")
@@ -86,7 +108,18 @@ def stage_specs(stages: Any, retries: Any) -> list[StageSpec]:
                 f"{key}.init: '{init}' is neither an earlier stage ({names[:i]}) nor a "
                 "checkpoint file"
             )
-        specs.append(StageSpec(name, float(ratio), float(fraction), init, epochs, batches))
+        specs.append(
+            StageSpec(
+                name,
+                float(ratio),
+                float(fraction),
+                init,
+                epochs,
+                batches,
+                None if share is None else float(share),
+                int(recalibration),
+            )
+        )
     return specs
 
 
