@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 
 from core.config import ConfigError
@@ -333,3 +334,58 @@ def test_group_balanced_draws_equalize_condition_groups():
     assert list(again) == list(sampler)  # still deterministic by seed and epoch
     with pytest.raises(ValueError, match="sim sampling weights"):
         ExactRatioBatchSampler(100, 0, 20, 1.0, 5, sim_weights=w[:50])
+
+
+def test_rare_class_sampling_favours_frames_with_rare_classes():
+    from training.sampler import rare_class_weights
+
+    # frames 0-7 hold road only; frame 8 also a person (1 % of pixels), frame 9 nothing known
+    presence = np.zeros((10, 3), bool)
+    presence[:9, 0] = True
+    presence[8, 1] = True
+    w = rare_class_weights(presence, np.array([0.99, 0.01, 0.0]), temperature=0.1)
+    assert w.sum() == pytest.approx(1.0) and w[9] == 0.0
+    # P(person) / P(road) = exp((0.99 - 0.01) / 0.1); class 2 is held by no frame: left out
+    p_road, p_person = 1 / (1 + np.exp(9.8)), np.exp(9.8) / (1 + np.exp(9.8))
+    assert w[8] == pytest.approx(p_road / 9 + p_person)
+    assert w[0] == pytest.approx(p_road / 9)
+    even = rare_class_weights(presence, np.array([0.99, 0.01, 0.0]), temperature=1e6)
+    assert even[8] == pytest.approx(0.5 / 9 + 0.5, rel=1e-3)  # high T: classes drawn evenly
+
+
+def test_the_datamodule_draws_rare_class_frames_more_often():
+    import torch
+    from torch.utils.data import Dataset
+
+    from core.config import ConfigError
+    from training.datamodule import SimRealDataModule, frame_class_presence
+
+    class Frames(Dataset):
+        card = {
+            "class_pixel_histogram": {"road": 990, "person": 10},
+            "class_names": ["road", "person"],
+        }
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            mask = torch.zeros(4, 4, dtype=torch.long)
+            if i == 3:
+                mask[0, 0] = 1
+            return {
+                "image": torch.zeros(3, 4, 4),
+                "mask": mask,
+                "domain": 0,
+                "group": "g",
+                "id": str(i),
+            }
+
+    presence = frame_class_presence(Frames())
+    assert presence.shape == (20, 255) and presence[3, 1] and not presence[2, 1]
+    dm = SimRealDataModule(sim_train=Frames(), sim_ratio=1.0, batch_size=4, batches_per_epoch=50,
+                           rare_class_temperature=0.05)  # fmt: skip
+    draws = [i for batch in dm._batch_sampler(0, 1) for i in batch]
+    assert draws.count(3) > 0.4 * len(draws)  # uniform would give 5 %
+    with pytest.raises(ConfigError, match=r"data.loader.rare_class_temperature: expected"):
+        SimRealDataModule(sim_train=Frames(), sim_ratio=1.0, rare_class_temperature=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
@@ -120,6 +121,24 @@ def _probe(
     return n, dict(sample)
 
 
+def frame_class_presence(dataset: Any, chunk: int = 256) -> np.ndarray:
+    """``(N, 255)`` bool: frame ``i`` holds label ``c`` (255, ignore, left out). Generated
+    sets are read shard-wise through ``get_batch``, masks only kept."""
+    n = len(dataset)
+    presence = np.zeros((n, 255), dtype=bool)
+    for start in range(0, n, chunk):
+        idx = range(start, min(n, start + chunk))
+        if hasattr(dataset, "get_batch"):
+            masks = dataset.get_batch(idx)[1]
+        else:
+            masks = np.stack([np.asarray(dataset[i]["mask"]) for i in idx])
+        flat = masks.reshape(len(idx), -1).astype(np.int64)
+        for row, labels in enumerate(flat):
+            found = np.unique(labels)
+            presence[start + row, found[found < 255]] = True
+    return presence
+
+
 class SimRealDataModule(pl.LightningDataModule):
     """Sim and labelled-real training data in an exact ratio, plus evaluation loaders.
 
@@ -163,6 +182,9 @@ class SimRealDataModule(pl.LightningDataModule):
         augment: training augmentation, or None.
         pin_memory: pin batches in page-locked memory (faster copies to a GPU).
         group_balanced: draw every condition group equally often (risk T-08).
+        rare_class_temperature: draw sim frames by rare-class sampling
+            (:func:`~training.sampler.rare_class_weights`) at this temperature, from the
+            sim card's class histogram and each frame's classes; None: off.
         stage_name: the stage these data train, when built for one: errors then name
             ``stages.<stage_name>.sim_ratio`` and ``.real_fraction``, and
             ``data.loader.batches_per_epoch (or stages.<stage_name>.batches_per_epoch)``;
@@ -195,6 +217,7 @@ class SimRealDataModule(pl.LightningDataModule):
         augment: Augment | None = None,
         pin_memory: bool = False,
         group_balanced: bool = False,
+        rare_class_temperature: float | None = None,
         stage_name: str | None = None,
     ) -> None:
         super().__init__()
@@ -206,6 +229,14 @@ class SimRealDataModule(pl.LightningDataModule):
         self.keys = self._config_keys(stage_name)
         k = self.keys
         self.group_balanced = bool(group_balanced)
+        self._rcs_weights: np.ndarray | None = None
+        self.rare_class_temperature = check_number(
+            "data.loader.rare_class_temperature",
+            rare_class_temperature,
+            low=0,
+            low_open=True,
+            optional=True,
+        )
         self.sim_ratio = float(check_number(k["sim_ratio"], sim_ratio, low=0, high=1))
         self.real_fraction = float(check_number(k["real_fraction"], real_fraction, low=0, high=1))
         self.batch_size = check_number(k["batch_size"], batch_size, low=1, integer=True)
@@ -337,23 +368,47 @@ class SimRealDataModule(pl.LightningDataModule):
         )
 
     def _group_weights(self) -> dict[str, Any]:
-        """Per-image sampling weights that balance condition groups (risk T-08), from the
-        datasets' ``groups`` lists (generated datasets have them; others count as one group)."""
-        if not self.group_balanced:
-            return {}
-
-        def groups_of(ds: Any, indices: list[int] | None = None) -> list[str]:
-            names = list(getattr(ds, "groups", None) or ["unknown"] * len(ds))
-            return [names[i] for i in indices] if indices is not None else names
-
+        """Per-image sampling weights: condition groups balanced (risk T-08), from the
+        datasets' ``groups`` lists (generated datasets have them; others count as one
+        group), and/or rare-class sampling of the sim frames; their product when both."""
         out: dict[str, Any] = {}
-        if self.num_sim_train:
-            out["sim_weights"] = group_balance_weights(groups_of(self.sim_train))
-        if self.num_real_labelled:
-            out["real_weights"] = group_balance_weights(
-                groups_of(self.real_train, self.real_train_indices)
-            )
+        if self.group_balanced:
+
+            def groups_of(ds: Any, indices: list[int] | None = None) -> list[str]:
+                names = list(getattr(ds, "groups", None) or ["unknown"] * len(ds))
+                return [names[i] for i in indices] if indices is not None else names
+
+            if self.num_sim_train:
+                out["sim_weights"] = group_balance_weights(groups_of(self.sim_train))
+            if self.num_real_labelled:
+                out["real_weights"] = group_balance_weights(
+                    groups_of(self.real_train, self.real_train_indices)
+                )
+        if self.rare_class_temperature is not None and self.num_sim_train:
+            weights = self._rare_class_weights()
+            if "sim_weights" in out:
+                weights = weights * out["sim_weights"]
+                weights = weights / weights.sum()
+            out["sim_weights"] = weights
         return out
+
+    def _rare_class_weights(self) -> np.ndarray:
+        if self._rcs_weights is None:
+            from training.sampler import rare_class_weights
+
+            presence = frame_class_presence(self.sim_train)
+            card = getattr(self.sim_train, "card", None) or {}
+            hist = card.get("class_pixel_histogram")
+            if isinstance(hist, dict):
+                names = card.get("class_names") or list(hist)
+                freq = np.asarray([hist.get(n, 0) for n in names], dtype=np.float64)
+            else:  # no card: the frames' own pixel counts
+                freq = presence.sum(axis=0).astype(np.float64)
+            c = min(len(freq), presence.shape[1])
+            self._rcs_weights = rare_class_weights(
+                presence[:, :c], freq[:c], self.rare_class_temperature
+            )
+        return self._rcs_weights
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -42,6 +42,7 @@ __all__ = [
     "batch_composition",
     "group_balance_weights",
     "rank_and_world_size",
+    "rare_class_weights",
     "real_subset_indices",
 ]
 
@@ -178,6 +179,36 @@ def group_balance_weights(groups: list[str]) -> np.ndarray:
         return np.empty(0)
     names, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse]
+    return w / w.sum()
+
+
+def rare_class_weights(
+    presence: np.ndarray, frequencies: np.ndarray, temperature: float
+) -> np.ndarray:
+    """Rare-class sampling (DAFormer, Hoyer et al. 2022): a class ``c`` is drawn with
+    ``P(c) ~ exp((1 - f_c) / T)``, then a frame holding it uniformly, so frames with rare
+    classes (poles, persons, signs) come up far more often than their share.
+
+    Args:
+        presence: ``(N, C)`` bool, frame ``i`` holds class ``c``.
+        frequencies: ``(C,)`` pixel share of each class (the card's histogram, normalized).
+        temperature: ``T`` > 0; small: rare classes dominate (0.01 in DAFormer), large: even.
+
+    Returns:
+        ``(N,)`` per-frame probabilities ``w_i = sum_c presence[i, c] P(c) / n_c`` with
+        ``n_c`` the frames holding ``c`` (classes no frame holds are left out).
+
+    >>> rare_class_weights(np.array([[1, 0], [1, 1]], bool), np.array([0.9, 0.1]), 1.0).round(3)
+    array([0.155, 0.845])
+    """
+    presence = np.asarray(presence, dtype=bool)
+    f = np.asarray(frequencies, dtype=np.float64)
+    f = f / f.sum() if f.sum() > 0 else np.full_like(f, 1.0 / len(f))
+    held = presence.sum(axis=0)
+    logits = np.where(held > 0, (1.0 - f) / float(temperature), -np.inf)
+    p = np.exp(logits - logits[held > 0].max())
+    p /= p.sum()
+    w = presence @ (p / np.maximum(held, 1))
     return w / w.sum()
 
 
