@@ -107,6 +107,7 @@ def run_compare(cfg: DictConfig) -> Path:
         method_key=str(cfg.method_key),
         stage=str(cfg.stage) if cfg.stage else None,
         ignore=[*compare.BOOKKEEPING, *cfg.ignore],
+        per_class=str(cfg.per_class) if cfg.get("per_class") else None,
     )
     report.notes[:0] = notes
     if notes:
@@ -118,6 +119,10 @@ def run_compare(cfg: DictConfig) -> Path:
     atomic_write_text(out / "table.csv", report.csv)
     for file_name, png in report.plots.items():
         atomic_write_bytes(out / file_name, png)
+    if cfg.get("results_csv"):
+        copy = Path(str(cfg.results_csv))
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(copy, report.csv)
     for stale in [*out.glob("*_vs_*.png"), *out.glob("*_by_*.png")]:
         if stale.name not in report.plots:  # a plot this comparison skipped
             stale.unlink()
@@ -129,6 +134,8 @@ def run_compare(cfg: DictConfig) -> Path:
         print(f"saved to {out}; logged as MLflow run {run_id} in {redact(uri)}")
     else:
         print(f"saved to {out}")
+    if cfg.get("results_csv"):
+        print(f"CSV also written to {cfg.results_csv}")
     return out
 
 

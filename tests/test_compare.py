@@ -322,3 +322,18 @@ def test_a_sweep_that_reused_every_stage(store):
     # without the job folders, the sweep has no run of its own
     with pytest.raises(ConfigError, match=r"^sweep: no run is tagged sweep_id='all-reused'"):
         main(compare_config(out, "sweep=all-reused", "resolve_reused=false"))
+
+
+def test_per_class_iou_goes_to_the_csv_and_a_results_copy(store, tmp_path):
+    from scripts.compare import main
+
+    out, uri, client, exp = store
+    for r in client.search_runs([exp], "tags.stage = 'finetune'"):
+        client.log_metric(r.info.run_id, "test/real/iou/road", 0.8)
+    copy = tmp_path / "docs" / "results" / "table.csv"
+    main(compare_config(out, f"sweep={SWEEP}", f"results_csv={copy}", "log_to_mlflow=false"))
+    table = list(csv.DictReader(io.StringIO(copy.read_text())))
+    assert "test/real/iou/road.mean" in table[0]
+    assert any(r["test/real/iou/road.mean"] == "0.8" for r in table)
+    md = (out / "compare" / SWEEP / "table.md").read_text()
+    assert "iou/road" not in md  # per class in the CSV only

@@ -686,13 +686,15 @@ def build_report(
     stage: str | None = None,
     ignore: Sequence[str] = BOOKKEEPING,
     prefer: Sequence[str] = PREFERRED,
+    per_class: str | None = None,
 ) -> Report:
     """The table (Markdown with a title, and CSV) and plots of finished ``rows``.
 
     ``metric`` is the target metric (first column, y of the plots against ``plot_keys``);
     ``gap_metric`` is plotted per ``method_key``. ``stage`` keeps one stage. Raises
     :class:`ConfigError` naming ``stage``, ``metric`` or ``columns`` for a stage or metric
-    that no row has.
+    that no row has. ``per_class`` (a prefix such as ``test/real/iou/``) adds every metric
+    under it that some row has to the CSV (per-class IoU), not to the Markdown table.
     """
     notes: list[str] = []
     if stage:
@@ -710,7 +712,9 @@ def build_report(
                 notes.append(f"{stage_name}: {', '.join(aliases)} vary with {key} (not shown)")
     rows, dup_notes = dedupe_seeds(sorted(rows, key=lambda r: (r.end_time, r.run_id)), keys)
     notes += dup_notes
-    all_metrics = [*metrics, *([gap_metric] if gap_metric not in metrics else [])]
+    extra = sorted(m for m in available_metrics(rows) if per_class and m.startswith(per_class))
+    extra = [m for m in extra if m not in metrics]
+    all_metrics = [*metrics, *([gap_metric] if gap_metric not in metrics else []), *extra]
     groups = aggregate(rows, keys, all_metrics)
     columns_keys = table_keys(keys)
     plots: dict[str, bytes] = {}
@@ -740,7 +744,8 @@ def build_report(
     text = "\n".join(header) + "\n" + markdown_table(groups, metrics, columns_keys) + "\n"
     if notes:
         text += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
-    return Report(text, csv_table(groups, metrics, columns_keys), plots, notes, groups, keys)
+    csv_text = csv_table(groups, [*metrics, *extra], columns_keys)
+    return Report(text, csv_text, plots, notes, groups, keys)
 
 
 def _values_note(rows: Sequence[RunRow], key: str) -> str:
