@@ -40,6 +40,7 @@ from adaptation.plugin import (
     TaskAdaptation,
     unlabeled_batches,
 )
+from core.images import label_columns
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,10 @@ def teacher_update(objective: SelfTrainingObjective, momentum: float, palette: A
             self.updated_at = step
             ema_update(objective.teacher, objective._student[0], ema_momentum(step - 1, momentum))
             if objective.example is not None and palette is not None and trainer.is_global_zero:
-                grid = example_grid(*objective.example, palette)
+                grid = label_columns(
+                    example_grid(*objective.example, palette),
+                    ("real", "pseudo-label", "mixed", "student"),
+                )
                 module.log_image(grid, f"self_training/examples_step{step - 1:06d}.png")
                 objective.example = None
             shares = objective.class_shares

@@ -10,9 +10,15 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from core.files import atomic_write_text
+from core.runtime import apply_env_defaults, quiet_console
 from training.pipeline import run_pipeline
 from training.tracking import browse_hint, tracking_uri
 from training.tracking_server import check_tracking_config
+
+# before anything imports mlflow (it decides on telemetry when imported); the user's own
+# environment values win. One line per stage: hydra.verbose=[pytorch_lightning] for more.
+apply_env_defaults()
+quiet_console()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="pipeline")

@@ -28,10 +28,20 @@ from training.risk.alerts import (
     SmtpNotifier,
     WebhookNotifier,
     evaluate,
+    forget_warnings,
     load_rules,
     rules_from_config,
 )
 from training.risk.register import RiskConfigError, RiskRegister
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test is its own run: notifier warnings are said once per run (process)."""
+    forget_warnings()
+    yield
+    forget_warnings()
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "configs" / "risk" / "alerts.yaml"
@@ -695,3 +705,14 @@ def test_timeout_must_be_positive(raw, tmp_path):
     assert "notifiers.slack[0].timeout_s: expected a positive number" in _error(raw, tmp_path)
     with pytest.raises(ValueError, match="timeout_s"):
         WebhookNotifier(timeout_s=-1)
+
+
+def test_notifier_disabled_is_said_once_per_run(monkeypatch, tmp_path, caplog):
+    """Every stage builds its alert manager; the "disabled" warnings come once per run."""
+    for var in (WEBHOOK_ENV, "SIM2REAL_SMTP_HOST", "SIM2REAL_ALERT_EMAIL_TO"):
+        monkeypatch.delenv(var, raising=False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            AlertManager.load(ALERTS, tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2 and len(set(said)) == 2, said

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training.figures import (
+    LABEL_BAND_PX,
     TITLE_BAND_PX,
     bar_chart_image,
     confusion_matrix_image,
@@ -314,7 +315,7 @@ def test_prediction_grid_layout_and_colours():
     preds = torch.ones(n, h, w, dtype=torch.long)
     palette = _palette()
 
-    grid = prediction_grid(images, targets, preds, palette, max_rows=2)
+    grid = prediction_grid(images, targets, preds, palette, max_rows=2, columns=None)
     assert grid.dtype == np.uint8 and grid.shape == (2 * h, 3 * w, 3)
     for r in range(2):
         top = r * h
@@ -324,7 +325,9 @@ def test_prediction_grid_layout_and_colours():
         assert grid[top + 3, w + 4].tolist() == [0, 0, 0]  # ignore -> black
         assert (grid[top : top + h, 2 * w :] == palette[1]).all()  # prediction class 1
 
-    titled = prediction_grid(images, targets, preds, palette, titles=["a/day-clear", "b", "c"])
+    titled = prediction_grid(
+        images, targets, preds, palette, titles=["a/day-clear", "b", "c"], columns=None
+    )
     band = TITLE_BAND_PX
     assert titled.shape == (n * (h + band), 3 * w, 3)
     assert titled[band + 1, w + 2].tolist() == palette[2].tolist()
@@ -332,6 +335,21 @@ def test_prediction_grid_layout_and_colours():
     assert titled[:band].max() > 200  # the caption was drawn (anti-aliased white on black)
     with pytest.raises(ValueError, match="titles"):
         prediction_grid(images, targets, preds, palette, titles=["only one"])
+
+
+def test_prediction_grid_names_its_columns_by_default():
+    """The logged grid says which column is the image, the truth and the prediction."""
+    n, h, w = 2, 20, 60
+    images = torch.zeros(n, 3, h, w)
+    masks = torch.zeros(n, h, w, dtype=torch.long)
+    plain = prediction_grid(images, masks, masks, _palette(), columns=None)
+    labelled = prediction_grid(images, masks, masks, _palette())
+    assert labelled.shape == (LABEL_BAND_PX + n * h, 3 * w, 3)
+    assert (labelled[LABEL_BAND_PX:] == plain).all()  # the grid itself unchanged
+    for c in range(3):  # a caption drawn over each column
+        assert labelled[:LABEL_BAND_PX, c * w : (c + 1) * w].max() > 200
+    with pytest.raises(ValueError, match="columns"):
+        prediction_grid(images, masks, masks, _palette(), columns=["a", "b"])
 
 
 def test_confusion_matrix_image_is_a_varied_rgb_image():

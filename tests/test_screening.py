@@ -12,6 +12,7 @@ from training.risk.screening import (
     REASONS,
     FrameScreen,
     ScreenedDataset,
+    invisible_labels,
     noise_sigma,
     screen_frames,
 )
@@ -186,3 +187,42 @@ def test_screened_dataset_behaves_like_a_subset_of_kept_frames(rng):
     assert next(iter(loader))["id"].tolist() == [0, 2, 3, 6]
     empty = ScreenedDataset(Samples([]))
     assert len(empty) == 0 and np.isnan(empty.result.metrics()["risk/T-10/dropped_share"])
+
+
+def _pole_frames(blur: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two frames with a labelled dark pole (class 4) on a bright wall (class 2); the pole
+    is washed into the wall when ``blur``."""
+    images = torch.full((2, 3, H, W), 0.7)
+    masks = torch.full((2, H, W), 2, dtype=torch.long)
+    images[:, :, 42:], masks[:, 42:] = 0.3, 0  # a road: the frame is not blank
+    masks[:, 5:40, 30:32] = 4
+    if not blur:
+        images[:, :, 5:40, 30:32] = 0.1
+    else:  # what a strong blur leaves of a 2-pixel pole: almost the wall's grey
+        images[:, :, 5:40, 26:36] = 0.69
+    masks[1, :42] = 2  # the second frame labels no pole
+    return images, masks
+
+
+def test_invisible_thin_labels_are_counted_not_dropped():
+    sharp, masks = _pole_frames(blur=False)
+    blurred, _ = _pole_frames(blur=True)
+    assert invisible_labels(sharp, masks, {"pole": 4})["pole"].tolist() == [False, False]
+    assert invisible_labels(blurred, masks, {"pole": 4})["pole"].tolist() == [True, False]
+
+    class Labelled(Dataset):
+        class_names = ["road", "sidewalk", "building", "fence", "pole"]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": blurred[i], "mask": masks[i]}
+
+    ds = ScreenedDataset(Labelled())
+    assert len(ds) == 2  # a note, never a drop
+    m = ds.result.metrics(prefix="risk/T-10/real_train/")
+    assert m["risk/T-10/real_train/label_not_visible"] == 1.0
+    assert m["risk/T-10/real_train/label_not_visible/pole"] == 1.0
+    assert m["risk/T-10/real_train/label_not_visible_share"] == 0.5
+    assert m["risk/T-10/real_train/dropped"] == 0.0

@@ -263,4 +263,7 @@ def test_a_collapsed_teacher_raises_an_alert_and_the_grid_is_drawn(caplog):
     assert tags == {"alert/self_training_collapse": "a 0.970 at step 2"}
     assert "collapsed to one class (a 0.970 at step 2)" in caplog.text
     [(name, grid)] = images.items()
-    assert name == "self_training/examples_step000002.png" and grid.shape == (8, 20, 3)
+    from core.images import LABEL_BAND_PX
+
+    assert name == "self_training/examples_step000002.png"
+    assert grid.shape == (LABEL_BAND_PX + 8, 20, 3)  # a labelled strip over 2 rows of 4 panels

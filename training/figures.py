@@ -14,9 +14,23 @@ from typing import Any
 
 import numpy as np
 
+from core.images import LABEL_BAND_PX, label_columns
+
 IGNORE_INDEX = 255
 #: Height in pixels of the title band above each row of :func:`prediction_grid`.
 TITLE_BAND_PX = 16
+#: The column captions of :func:`prediction_grid`.
+PREDICTION_COLUMNS = ("image", "truth", "prediction")
+
+__all__ = [
+    "LABEL_BAND_PX",
+    "PREDICTION_COLUMNS",
+    "bar_chart_image",
+    "confusion_matrix_image",
+    "label_columns",
+    "normalize_confusion",
+    "prediction_grid",
+]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -123,8 +137,10 @@ def prediction_grid(
     palette: np.ndarray,
     max_rows: int = 8,
     titles: Sequence[str] | None = None,
+    columns: Sequence[str] | None = PREDICTION_COLUMNS,
 ) -> np.ndarray:
-    """Rows of ``[image | truth | prediction]``, labels coloured with ``palette``.
+    """Rows of ``[image | truth | prediction]``, labels coloured with ``palette``, under a
+    band naming the columns.
 
     Args:
         images: ``(N, 3, H, W)`` float in [0, 1] (numpy array or tensor).
@@ -134,10 +150,13 @@ def prediction_grid(
         max_rows: at most this many samples (the first ones) are drawn.
         titles: one caption per sample (e.g. its id and group), drawn in a
             :data:`TITLE_BAND_PX`-high black band above its row with PIL's default font.
+        columns: the three column captions, drawn in a :data:`core.images.LABEL_BAND_PX`
+            band on top (:func:`core.images.label_columns`); None: no band.
 
     Returns:
-        ``(R * (H + band), 3 * W, 3) uint8`` with ``R = min(N, max_rows)`` and ``band`` =
-        :data:`TITLE_BAND_PX` when ``titles`` are given, else 0.
+        ``(head + R * (H + band), 3 * W, 3) uint8`` with ``R = min(N, max_rows)``, ``band``
+        = :data:`TITLE_BAND_PX` when ``titles`` are given, else 0, and ``head`` =
+        :data:`core.images.LABEL_BAND_PX` with ``columns``, else 0.
     """
     imgs, tgts, prds = _to_numpy(images), _to_numpy(targets), _to_numpy(preds)
     palette = np.asarray(palette, dtype=np.uint8)
@@ -172,6 +191,10 @@ def prediction_grid(
         grid[top : top + h, 2 * w :] = colorize(prds[r])
     if titles is not None:
         _draw_titles(grid, [str(t) for t in titles[:rows]], h, band)
+    if columns is not None:
+        if len(columns) != 3:
+            raise ValueError(f"columns: expected 3 captions, got {len(columns)}")
+        grid = label_columns(grid, columns)
     return grid
 
 

@@ -39,6 +39,7 @@ from adaptation.plugin import PixelAdaptation, Prepared, PrepareEnv, RunValues
 from core.config import ConfigError, check_number
 from core.files import atomic_write_bytes
 from core.hashing import file_sha256, generator_key, translation_key
+from core.images import label_columns
 from core.seeding import seeded
 from simulation.dataset import GeneratedDataset
 
@@ -205,6 +206,10 @@ class UnpairedImages(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------- image grids
+#: The column captions of the logged translation grid (core.images.label_columns).
+TRANSLATION_COLUMNS = ("sim", "translated", "reconstructed", "real")
+
+
 def translation_grid(
     sim: torch.Tensor, translated: torch.Tensor, cycle: torch.Tensor, real: torch.Tensor
 ) -> np.ndarray:
@@ -249,7 +254,7 @@ def translation_monitor(
             logger = trainer.logger
             logger.experiment.log_image(
                 logger.run_id,
-                translation_grid(x, fake, cycle, real),
+                label_columns(translation_grid(x, fake, cycle, real), TRANSLATION_COLUMNS),
                 artifact_file=f"translation/step_{step:06d}.png",
             )
             if segmenter is not None:

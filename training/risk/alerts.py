@@ -329,11 +329,33 @@ class JsonlNotifier:
             os.fsync(f.fileno())
 
 
+#: Notifier warnings already given in this process (one command: a run, a pipeline of
+#: stages, a sequential sweep): each is said once, not once per stage.
+_SAID: set[str] = set()
+
+
+def warn_once(message: str, *args: Any) -> bool:
+    """Log ``message % args`` at WARNING the first time this process sees it (later: DEBUG);
+    returns whether it was new."""
+    text = message % args if args else message
+    if text in _SAID:
+        log.debug(text)
+        return False
+    _SAID.add(text)
+    log.warning(text)
+    return True
+
+
+def forget_warnings() -> None:
+    """Let :func:`warn_once` say everything again (a new run in the same process; tests)."""
+    _SAID.clear()
+
+
 def _env(var: str | None, who: str) -> str | None:
     """The variable's value, or None with one warning (the notifier is then disabled)."""
     value = os.environ.get(var) if var else None
     if var and not value:
-        log.warning("%s notifier disabled: environment variable %s is not set", who, var)
+        warn_once("%s notifier disabled: environment variable %s is not set", who, var)
         return None
     return value
 
@@ -448,7 +470,7 @@ class SmtpNotifier:
         self._password = os.environ.get(password_env) if password_env else None
         self.enabled = not missing
         if missing:
-            log.warning(
+            warn_once(
                 "smtp notifier disabled: environment variable(s) %s not set", ", ".join(missing)
             )
 
@@ -828,9 +850,7 @@ def _notifier(entry: Any, where: str) -> Notifier | None:
         recipients = [r.strip() for r in value.split(",") if r.strip()] or None
         missing += [] if recipients else [entry["recipients_env"]]
     if missing:
-        log.warning(
-            "smtp notifier disabled: environment variable(s) %s not set", ", ".join(missing)
-        )
+        warn_once("smtp notifier disabled: environment variable(s) %s not set", ", ".join(missing))
         return None
     if not host or not recipients:
         raise RiskConfigError(

@@ -6,6 +6,21 @@ accuracy falls under its threshold or the PSI exceeds the retraining level, it l
 fine-tuning with the new data (``scripts/train.py`` with configured overrides) and
 records why: on its own MLflow run and as the ``trigger`` tag of the training runs. The
 new model is registered as the challenger and only replaces the champion if it wins.
+
+What the check needs besides the new data follows from what training produced, never
+from a second default (:func:`resolve_model`, :func:`champion_of`):
+
+- the registered model: ``registry.name``, else the one model in the store (the one
+  registered last when there are several, the others named in the log);
+- the champion's training config: its run's ``config.yaml`` (the resolved config every
+  stage run logs), found through the model version's run;
+- the drift reference: that config's ``data.datasets.real_train`` (the real images the
+  champion was fine-tuned on);
+- the retraining: that same config (:func:`write_retrain_config`), cut to the registered
+  stage and the stages it starts from, with the new data as its real training split, run
+  by ``scripts/train.py --config-dir <folder> --config-name <file>``: the 64x128 champion
+  of the main job is retrained at 64x128 with its own method and recipe, and its sim
+  pretraining is reused from the stage cache.
 """
 
 from __future__ import annotations
@@ -25,6 +40,188 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+#: The resolved config every stage run logs (``training.stages.segmenter``).
+RUN_CONFIG = "config.yaml"
+#: Where a dataset node of the run's config names its folder.
+DATA_KEY = "data.datasets.{role}"
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The champion version of a registered model and the training config behind it."""
+
+    model: str
+    version: str
+    run_id: str
+    stage: str
+    config: dict[str, Any]
+
+    def dataset(self, role: str) -> dict[str, Any] | None:
+        """The champion's ``data.datasets.<role>`` node (``real_train``...), or None."""
+        node = ((self.config.get("data") or {}).get("datasets") or {}).get(role)
+        return dict(node) if isinstance(node, Mapping) else None
+
+
+def resolve_model(tracking_uri: str, name: str | None, key: str = "registry.name") -> str:
+    """The registered model to watch: ``name`` if the store has it, else (``name`` None)
+    the only one, or the one registered last. A name the store lacks, or an empty
+    registry, is a :class:`~core.config.ConfigError` naming ``key`` and what exists."""
+    from mlflow.tracking import MlflowClient
+
+    from core.config import ConfigError
+    from training.tracking import redact_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    names = sorted(m.name for m in client.search_registered_models())
+    where = redact_uri(tracking_uri)
+    if name:
+        if name in names:
+            return str(name)
+        raise ConfigError(
+            f"{key}: no registered model {name!r} in {where}; registered models there: "
+            f"{', '.join(names) or 'none'}"
+            + ("" if names else " (train one first: python scripts/pipeline.py)")
+        )
+    if not names:
+        raise ConfigError(
+            f"{key}: the tracking store {where} has no registered model: train one first "
+            "(python scripts/pipeline.py), or point paths.output (or tracking.uri) at the "
+            "store that has it"
+        )
+    if len(names) == 1:
+        return names[0]
+    newest = client.search_model_versions(order_by=["creation_timestamp DESC"], max_results=1)
+    chosen = str(newest[0].name) if newest else names[-1]
+    log.info(
+        "%s: %s, the model registered last (also in the store: %s; pass %s=<name>)",
+        key,
+        chosen,
+        ", ".join(n for n in names if n != chosen),
+        key,
+    )
+    return chosen
+
+
+def champion_of(tracking_uri: str, model: str) -> Champion:
+    """The champion version of ``model``, its source run and that run's resolved config."""
+    import tempfile
+
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from core.config import ConfigError
+    from training.risk.registry import CHAMPION, ModelRegistry
+
+    registry = ModelRegistry(tracking_uri, name=model)
+    aliases = registry.aliases()
+    if CHAMPION not in aliases:
+        raise ConfigError(
+            f"registry.name: model {model!r} has no '{CHAMPION}' alias (aliases: "
+            f"{aliases or 'none'})"
+        )
+    version = registry.client.get_model_version(model, aliases[CHAMPION])
+    run_id = str(version.run_id)
+    client = MlflowClient(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+            local = client.download_artifacts(run_id, RUN_CONFIG, tmp)
+            config = yaml.safe_load(Path(local).read_text(encoding="utf-8")) or {}
+    except (MlflowException, OSError) as err:
+        raise ConfigError(
+            f"registry.name: the run {run_id} of model {model!r} version {version.version} "
+            f"has no {RUN_CONFIG} to retrain or measure drift from ({err}); pass "
+            "reference.root=<its training data> and retrain.enabled=false"
+        ) from None
+    stage = str(version.tags.get("stage") or (config.get("registry") or {}).get("stages", [""])[0])
+    return Champion(model, str(version.version), run_id, stage, config)
+
+
+def dataset_node(
+    key: str, node: Mapping[str, Any], champion_node: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The dataset node for ``key`` (``current`` / ``reference``): the monitor's own when
+    its ``root`` is set, else the champion's; a folder that is not a dataset is a
+    :class:`~core.config.ConfigError` naming ``<key>.root`` and the datasets beside it."""
+    from core.config import ConfigError
+
+    chosen = dict(node)
+    if not chosen.get("root"):
+        if champion_node is None:
+            raise ConfigError(f"{key}.root: not set, and the champion's run names no such data")
+        chosen = dict(champion_node)
+    root = Path(str(chosen["root"]))
+    if not (root / "card.json").is_file() and not _is_real_layout(root):
+        beside = (
+            sorted(p.name for p in root.parent.iterdir() if (p / "card.json").is_file())
+            if root.parent.is_dir()
+            else []
+        )
+        raise ConfigError(
+            f"{key}.root: {root} is not a dataset folder (no card.json"
+            + ("" if root.exists() else "; the folder does not exist")
+            + f"); datasets in {root.parent}: {', '.join(beside) or 'none'}"
+        )
+    return chosen
+
+
+def _is_real_layout(root: Path) -> bool:
+    """A folder a real-data reader reads (Cityscapes, CamVid): no card, but not empty."""
+    return root.is_dir() and any(root.iterdir()) and not (root / "shards").exists()
+
+
+def stages_to_retrain(stages: Mapping[str, Any], stage: str) -> list[str]:
+    """``stage`` and the stages it starts from (``init``), in the config's order."""
+    keep, name = set(), stage
+    while name and name in stages and name not in keep:
+        keep.add(name)
+        name = (stages[name] or {}).get("init")
+    return [s for s in stages if s in keep]
+
+
+def write_retrain_config(
+    champion: Champion, current: Mapping[str, Any], output: str | Path, folder: Path
+) -> Path:
+    """The champion's training config as a ``scripts/train.py`` primary config: only its
+    registered stage and the stages it starts from, ``current`` as the real training split
+    (``data.datasets.real_train``), Hydra's run folder under ``output``. Returns the file
+    (``<folder>/retrain-<model>-v<version>.yaml``)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    config = copy.deepcopy(champion.config)
+    stages = dict(config.get("stages") or {})
+    keep = stages_to_retrain(stages, champion.stage) or list(stages)
+    config["stages"] = {name: stages[name] for name in keep}
+    for component in (config.get("adaptation") or {}).values():
+        if isinstance(component, dict) and isinstance(component.get("stages"), list):
+            component["stages"] = [s for s in component["stages"] if s in keep]
+    config.setdefault("data", {}).setdefault("datasets", {})["real_train"] = dict(current)
+    config["hydra"] = {
+        "job": {"chdir": False},
+        "run": {"dir": f"{output}/hydra/retrain-${{now:%Y-%m-%d_%H-%M-%S}}"},
+        "callbacks": {"tracking_checks": {"_target_": "training.tracking_server.TrackingChecks"}},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"retrain-{champion.model}-v{champion.version}.yaml"
+    head = (
+        f"# The training config of {champion.model} version {champion.version} (run "
+        f"{champion.run_id}), written by scripts/monitor.py:\n# stages {keep}, new real "
+        "training data. Rerun: python scripts/train.py --config-dir "
+        f"{folder} --config-name {path.stem}\n"
+    )
+    path.write_text(head + OmegaConf.to_yaml(OmegaConf.create(config)), encoding="utf-8")
+    return path
+
+
+def retrain_overrides(config_file: Path, extra: Sequence[str]) -> list[str]:
+    """``scripts/train.py`` arguments that train from ``config_file``, then ``extra``."""
+    return [
+        f"--config-dir={config_file.parent.resolve()}",
+        f"--config-name={config_file.stem}",
+        *extra,
+    ]
 
 
 @dataclass
@@ -96,6 +293,7 @@ def check_champion(
     dry_run: bool = False,
     drift_samples: int = 128,
     batch_size: int = 16,
+    retrain_config: Path | None = None,
 ) -> CheckResult:
     """Evaluate the champion on ``current``; retrain when a threshold is crossed.
 
@@ -110,6 +308,8 @@ def check_champion(
         output_dir: ``paths.output`` of the retraining run.
         retrain: launch training when needed (else only record the decision).
         dry_run: record the command without running it.
+        retrain_config: the retraining's config file (:func:`write_retrain_config`),
+            logged with the check's run.
 
     Raises:
         training.risk.registry.UnsafeModelError: the champion's artifacts are not a plain
@@ -155,6 +355,8 @@ def check_champion(
             retrain_overrides, reasons, output_dir, tracking_uri, registry_name
         )
         client.set_tag(result.run_id, "retrain_command", shlex.join(result.command)[:5000])
+        if retrain_config is not None:
+            client.log_artifact(result.run_id, str(retrain_config), "monitor")
         if not dry_run:
             log.warning("retraining: %s", "; ".join(reasons))
             result.returncode = subprocess.run(result.command, check=False).returncode
@@ -163,5 +365,5 @@ def check_champion(
     client.set_terminated(
         result.run_id, "FAILED" if result.returncode not in (None, 0) else "FINISHED"
     )
-    log.info("champion check: %s", json.dumps(result.to_dict()))
+    log.debug("champion check: %s", json.dumps(result.to_dict()))
     return result

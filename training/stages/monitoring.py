@@ -26,8 +26,8 @@ def publish_risk(
     risk: Mapping[str, Any],
     context: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Publish register figures to a stage's run, evaluate the alert rules, log each
-    alert that fired; returns them."""
+    """Publish register figures to a stage's run and evaluate the alert rules (every alert
+    that fired goes to the log once, through the alert manager); returns them."""
     from training.risk.monitor import publish
 
     fired = publish(
@@ -41,8 +41,7 @@ def publish_risk(
         alerts_path=risk.get("alerts"),
         context=context,
     )
-    for alert in fired:
-        log.warning("ALERT %s (%s): %s", alert["rule"], alert["risk_id"], alert["message"])
+    # each alert is logged once, by the alert manager's log notifier ("ALERT [T-01] ...")
     return fired
 
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DONE = "done.json"
 RUN_ID = "mlflow_run_id.txt"
 WALL = "wall_seconds.txt"
+#: Test figures named in the one console line a finished stage gets.
+SUMMARY_METRICS = ("test/sim/miou", "test/real/miou")
 
 
 @dataclass
@@ -112,6 +114,10 @@ class StageRun:
         store = self.store
         last = self.checkpoint_dir / "last.ckpt"
         started = time.perf_counter()
+        # no layer table per stage unless the trainer config asks for one (a config of an
+        # earlier run, as the monitor's retraining reads, may not say)
+        if "enable_model_summary" not in getattr(store.make_trainer, "keywords", {}):
+            trainer_kwargs.setdefault("enable_model_summary", False)
         try:
             for attempt in range(store.retries + 1):
                 self.trainer = store.make_trainer(
@@ -152,6 +158,21 @@ class StageRun:
             self.wall_seconds = self._add_wall_time(time.perf_counter() - started)
         return self.trainer
 
+    def summary_line(self, values: Mapping[str, Any]) -> str:
+        """The stage's one console line: time, test mIoU, alerts, run id."""
+        metrics = values.get("metrics") or {}
+        figures = [
+            f"{key} {float(metrics[key]):.3f}"
+            for key in SUMMARY_METRICS
+            if isinstance(metrics.get(key), (int, float))
+        ]
+        alerts = ", ".join(values.get("alerts") or []) or "none"
+        return (
+            f"{self.kind}: finished in {self.wall_seconds:.1f} s"
+            + (f", {', '.join(figures)}" if figures else "")
+            + f", alerts {alerts}, run {self.run_id}"
+        )
+
     def _add_wall_time(self, seconds: float) -> float:
         """Training seconds over all sessions of this stage (a resumed stage costs what
         every session spent, O-01)."""
@@ -165,6 +186,7 @@ class StageRun:
         """Write ``done.json`` with ``values`` (rank zero) and close the run as finished."""
         if self.store.is_zero:
             atomic_write_json(self.run_dir / DONE, {"run_id": self.run_id, **values})
+            log.info("%s", self.summary_line(values))
         self.logger.close("success")
         return StageRecord(self.kind, self.digest, self.run_dir, self.run_id, dict(values))
 
