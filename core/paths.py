@@ -38,23 +38,38 @@ def generated_root(
         raise ConfigError(
             f"data.generate.splits: no split '{split}' (splits: {', '.join(splits) or 'none'})"
         )
-    randomization = gen.get("randomization")
-    if not isinstance(randomization, Mapping):
-        raise ConfigError(
-            f"data.generate.randomization: expected the randomization node, got "
-            f"{randomization!r}; pick a preset with randomization={randomization or 'full'} "
-            "(configs/randomization/) and change a field with "
-            "randomization.weather.cloudiness=[0,80]"
-        )
+    spec = dict(splits[split])
+    randomization = split_randomization(gen, split)
+    spec.pop("randomization", None)  # hashed once, as the split's randomization
     key = generation_key(
         split=split,
-        spec=splits[split],
+        spec=spec,
         randomization=randomization,
         image={"height": image["height"], "width": image["width"]},
         shard_size=gen["shard_size"],
         taxonomy=taxonomy,
     )
     return Path(str(gen["root"])) / f"{split}-{key}"
+
+
+def split_randomization(gen: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The randomization node split ``split`` of ``data.generate`` (``gen``) renders with: its
+    own ``splits.<split>.randomization`` when given (the real splits' camera world), else
+    ``data.generate.randomization`` (the composed preset). Plain values or config nodes."""
+    gen = plain(gen)
+    spec = (gen.get("splits") or {}).get(split) or {}
+    key = "data.generate.randomization"
+    randomization = gen.get("randomization")
+    if spec.get("randomization") is not None:
+        key, randomization = f"data.generate.splits.{split}.randomization", spec["randomization"]
+    if not isinstance(randomization, Mapping):
+        raise ConfigError(
+            f"{key}: expected the randomization node, got "
+            f"{randomization!r}; pick a preset with randomization={randomization or 'full'} "
+            "(configs/randomization/) and change a field with "
+            "randomization.weather.cloudiness=[0,80]"
+        )
+    return dict(randomization)
 
 
 def _generated(split: str, *, _root_: Any, _node_: Any) -> str:

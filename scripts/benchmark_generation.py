@@ -3,6 +3,7 @@
     python scripts/benchmark_generation.py                       # 128x256, full preset
     python scripts/benchmark_generation.py --compile             # torch.compile'd kernels
     python scripts/benchmark_generation.py --frames 2000 --preset light
+    python scripts/benchmark_generation.py --preset appearance --photo-preset camera_world
 
 Prints one row per (style, stage). "memory" times ``backend.render`` alone; "disk" times
 the whole ``generate`` path: rendering, atomic shard writes with checksums, manifest,
@@ -36,6 +37,11 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--preset", default="full", help="randomization preset")
+    ap.add_argument(
+        "--photo-preset",
+        default=None,
+        help="preset of the photo style (default: --preset); camera_world: data=procedural's",
+    )
     ap.add_argument("--styles", nargs="+", default=["sim", "photo"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--shard-size", type=int, default=256)
@@ -43,17 +49,18 @@ def main() -> None:
     args = ap.parse_args()
 
     taxonomy = instantiate(OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml"))
-    randomizer = instantiate(OmegaConf.load(CONFIGS / f"randomization/{args.preset}.yaml"))
+    presets = {"sim": args.preset, "photo": args.photo_preset or args.preset}
+    randomizers = {style: instantiate(_preset(name)) for style, name in presets.items()}
     print(
         f"# {date.today()} {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-        f"{args.frames} frames {args.height}x{args.width}, preset {args.preset}, "
+        f"{args.frames} frames {args.height}x{args.width}, presets {presets}, "
         f"batch {args.batch_size}, compile={args.compile}"
     )
     print(f"{'style':6s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
     for style in args.styles:
         backend = ProceduralBackend(
-            randomizer,
+            randomizers[style],
             taxonomy,
             seed=0,
             height=args.height,
@@ -72,6 +79,13 @@ def main() -> None:
             start = time.perf_counter()
             result = generate_shards(backend, writer, writer.open(), taxonomy, progress=False)
             _row(style, "disk", result.frames, time.perf_counter() - start)
+
+
+def _preset(name: str):
+    """A preset of configs/randomization/, or ``camera_world``: the real splits' world."""
+    if name == "camera_world":
+        return OmegaConf.load(CONFIGS / "data/procedural.yaml").generate.camera_world
+    return OmegaConf.load(CONFIGS / f"randomization/{name}.yaml")
 
 
 def _row(style: str, stage: str, frames: int, seconds: float) -> None:

@@ -230,6 +230,11 @@ def run_generate(cfg: Any) -> GenerationResult:
         "backend_version": backend.version,
         "taxonomy": taxonomy.to_dict(),
         "randomization_groups": randomizer.groups,
+        # each group's share of the frames: the joint `groups` table, or the product of the
+        # independent time_of_day and condition probabilities
+        "randomization_group_weights": {
+            g: round(w, 6) for g, w in randomizer.group_weights.items()
+        },
     }
     writer = DatasetWriter(
         Path(cfg.output_dir),

@@ -54,6 +54,32 @@ FOG_MIN_DENSITY = 30.0
 #: Vehicle kinds, named as CARLA's blueprint attribute ``base_type``.
 VEHICLE_TYPES = ("car", "van", "truck", "bus", "motorcycle", "bicycle")
 
+#: Car body shapes (``VehicleSpec.shape``; other vehicle types draw ``classic``) and person
+#: silhouettes (``PedestrianSpec.shape``); ``classic`` is the original template.
+CAR_SHAPES = ("classic", "hatchback", "suv", "pickup", "compact")
+PERSON_SHAPES = ("classic", "coat", "skirt", "backpack", "stride")
+#: Surfaces that carry a texture family and a colour tint (:class:`Appearance`).
+SURFACES = ("road", "sidewalk", "building", "vegetation", "terrain", "fence")
+#: Procedural texture families (:mod:`simulation.procedural.textures`); ``flat`` = none.
+TEXTURE_FAMILIES = (
+    "flat",
+    "noise",
+    "stripes",
+    "bricks",
+    "foliage",
+    "asphalt",
+    "windows",
+    "cobblestone",
+    "plaster",
+)
+#: Families and shapes only the ``photo`` style renders: the camera world has looks that
+#: no sim preset can sample (a sim backend refuses a randomizer that asks for them).
+PHOTO_ONLY = {"textures": ("cobblestone", "plaster"), "car": ("compact",), "person": ("stride",)}
+#: Distractor kinds: ``decal`` lies flat on the ground and keeps the label of the surface
+#: under it; ``clutter`` stands upright (bins, crates, bollards) and is labelled ignore (255).
+DISTRACTOR_KINDS = ("decal", "clutter")
+DISTRACTOR_SHAPES = ("box", "disc", "triangle", "blob")
+
 #: CARLA maps the sampler may choose (``_Opt`` layered variants are accepted too).
 KNOWN_MAPS = (
     "Town01",
@@ -147,19 +173,89 @@ class Road:
 
 @dataclass(frozen=True)
 class VehicleSpec:
-    """One vehicle asset: CARLA ``base_type``, body colour (r, g, b in 0..255), size scale."""
+    """One vehicle asset: CARLA ``base_type``, body colour (r, g, b in 0..255), size scale,
+    body shape (:data:`CAR_SHAPES`, cars only) and width-to-height aspect factor."""
 
     type: str
     color: tuple[int, int, int]
     scale: float
+    shape: str = "classic"
+    aspect: float = 1.0
 
 
 @dataclass(frozen=True)
 class PedestrianSpec:
-    """One pedestrian: clothing colour (r, g, b in 0..255) and height (m)."""
+    """One pedestrian: clothing colour (r, g, b in 0..255), height (m), silhouette
+    (:data:`PERSON_SHAPES`) and width factor."""
 
     color: tuple[int, int, int]
     height_m: float
+    shape: str = "classic"
+    aspect: float = 1.0
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """Surface appearance and light (procedural backend only; CARLA ignores it).
+
+    ``texture_strength`` in [0, 1] (0: untextured, as before), ``texture_scale`` the
+    texels-per-metre factor of the patterns, ``textures`` one family per surface of
+    :data:`SURFACES`, ``tints`` one (r, g, b) colour multiplier per surface,
+    ``sun_intensity`` and ``ambient_intensity`` factors of direct and ambient light.
+    """
+
+    texture_strength: float = 0.0
+    texture_scale: float = 1.0
+    textures: tuple[str, ...] = ("flat",) * len(SURFACES)
+    tints: tuple[tuple[float, float, float], ...] = ((1.0, 1.0, 1.0),) * len(SURFACES)
+    sun_intensity: float = 1.0
+    ambient_intensity: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "texture_strength": self.texture_strength,
+            "texture_scale": self.texture_scale,
+            "textures": dict(zip(SURFACES, self.textures, strict=True)),
+            "tints": {s: list(t) for s, t in zip(SURFACES, self.tints, strict=True)},
+            "sun_intensity": self.sun_intensity,
+            "ambient_intensity": self.ambient_intensity,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Appearance:
+        return cls(
+            texture_strength=d["texture_strength"],
+            texture_scale=d["texture_scale"],
+            textures=tuple(d["textures"][s] for s in SURFACES),
+            tints=tuple(tuple(d["tints"][s]) for s in SURFACES),
+            sun_intensity=d["sun_intensity"],
+            ambient_intensity=d["ambient_intensity"],
+        )
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Street structure beyond :class:`Road`: ``setback_scale`` multiplies the map's
+    frontage setback (0: buildings flush with the sidewalk), ``parked_density`` the share
+    of 6 m kerb slots holding a parked car, ``street_tree_density`` the share of 9 m
+    sidewalk slots holding a street tree, ``leafless_share`` the share of those without
+    leaves (all in [0, 1])."""
+
+    setback_scale: float = 1.0
+    parked_density: float = 0.0
+    street_tree_density: float = 0.0
+    leafless_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistractorSpec:
+    """A random shape (Tremblay 2018): kind (:data:`DISTRACTOR_KINDS`), shape
+    (:data:`DISTRACTOR_SHAPES`), colour (r, g, b in 0..255) and size (m)."""
+
+    kind: str
+    shape: str
+    color: tuple[int, int, int]
+    size_m: float
 
 
 @dataclass(frozen=True)
@@ -184,6 +280,9 @@ class SceneParams:
     vehicles: tuple[VehicleSpec, ...]
     pedestrians: tuple[PedestrianSpec, ...]
     sensor: Sensor
+    appearance: Appearance = Appearance()
+    structure: Structure = Structure()
+    distractors: tuple[DistractorSpec, ...] = ()
 
     @property
     def group(self) -> str:
@@ -197,12 +296,31 @@ class SceneParams:
             "camera": dict(vars(self.camera)),
             "road": dict(vars(self.road)),
             "vehicles": [
-                {"type": v.type, "color": list(v.color), "scale": v.scale} for v in self.vehicles
+                {
+                    "type": v.type,
+                    "color": list(v.color),
+                    "scale": v.scale,
+                    "shape": v.shape,
+                    "aspect": v.aspect,
+                }
+                for v in self.vehicles
             ],
             "pedestrians": [
-                {"color": list(p.color), "height_m": p.height_m} for p in self.pedestrians
+                {
+                    "color": list(p.color),
+                    "height_m": p.height_m,
+                    "shape": p.shape,
+                    "aspect": p.aspect,
+                }
+                for p in self.pedestrians
             ],
             "sensor": dict(vars(self.sensor)),
+            "appearance": self.appearance.to_dict(),
+            "structure": dict(vars(self.structure)),
+            "distractors": [
+                {"kind": d.kind, "shape": d.shape, "color": list(d.color), "size_m": d.size_m}
+                for d in self.distractors
+            ],
             "group": self.group,
         }
 
@@ -214,12 +332,32 @@ class SceneParams:
             camera=Camera(**d["camera"]),
             road=Road(**d["road"]),
             vehicles=tuple(
-                VehicleSpec(v["type"], tuple(v["color"]), v["scale"]) for v in d["vehicles"]
+                VehicleSpec(
+                    v["type"],
+                    tuple(v["color"]),
+                    v["scale"],
+                    v.get("shape", "classic"),
+                    v.get("aspect", 1.0),
+                )
+                for v in d["vehicles"]
             ),
             pedestrians=tuple(
-                PedestrianSpec(tuple(p["color"]), p["height_m"]) for p in d["pedestrians"]
+                PedestrianSpec(
+                    tuple(p["color"]),
+                    p["height_m"],
+                    p.get("shape", "classic"),
+                    p.get("aspect", 1.0),
+                )
+                for p in d["pedestrians"]
             ),
             sensor=Sensor(**d["sensor"]),
+            # manifests written before these blocks existed read as "off"
+            appearance=Appearance.from_dict(d["appearance"]) if "appearance" in d else Appearance(),
+            structure=Structure(**d.get("structure", {})),
+            distractors=tuple(
+                DistractorSpec(x["kind"], x["shape"], tuple(x["color"]), x["size_m"])
+                for x in d.get("distractors", ())
+            ),
         )
 
 
@@ -290,9 +428,33 @@ def parse_probabilities(value: Any, key: str, allowed: Sequence[str]) -> dict[st
     return probs
 
 
+def parse_weights(value: Any, key: str, allowed: Sequence[str]) -> dict[str, float]:
+    """A ``{name: weight}`` mapping: names in ``allowed``, weights non-negative numbers
+    summing to more than 0; returned normalized to probabilities."""
+    if not isinstance(value, Mapping) or not value:
+        raise RandomizationError(f"{key}: expected a mapping of {list(allowed)} to weights")
+    weights: dict[str, float] = {}
+    for name, w in value.items():
+        if name not in allowed:
+            raise RandomizationError(
+                f"{key}.{name}: unknown choice, expected one of {list(allowed)}"
+            )
+        if not isinstance(w, int | float) or isinstance(w, bool) or not w >= 0 or w == math.inf:
+            raise RandomizationError(f"{key}.{name}: weight must be a number >= 0, got {w!r}")
+        weights[str(name)] = float(w)
+    total = sum(weights.values())
+    if total <= 0:
+        raise RandomizationError(f"{key}: weights must sum to more than 0, got {total:g}")
+    return {n: w / total for n, w in weights.items()}
+
+
 def _choose(rng: np.random.Generator, probs: Mapping[str, float]) -> str:
+    # the draw of ``rng.choice(len(names), p=...)`` (one ``random()`` against the normalized
+    # cumulative sum), without its argument checks: same values, a fraction of the time
     names = list(probs)
-    return names[int(rng.choice(len(names), p=np.asarray([probs[n] for n in names])))]
+    cdf = np.cumsum([probs[n] for n in names])
+    cdf /= cdf[-1]
+    return names[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(names) - 1)]
 
 
 # The region each group's weather must lie in: {group: {field: (lo, hi)}} with hi exclusive
@@ -366,6 +528,9 @@ class DomainRandomizer:
         maps: ``{map name: probability}`` over :data:`KNOWN_MAPS`.
         time_of_day: ``{day|dusk|night: probability}``.
         condition: ``{clear|rain|fog: probability}``.
+        groups: optional joint ``{group: weight}`` table over :data:`ALL_GROUPS` (e.g.
+            ``{"day-clear": 0.7, "night-clear": 0.1}``, normalized); when given it replaces
+            the independent ``time_of_day`` x ``condition`` draw.
         weather: base ranges for any ``WeatherParameters`` field (number or ``[lo, hi]``);
             fields not given keep CARLA's ``ClearNoon`` value.
         weather_by_group: per time-of-day / condition overrides of ``weather``, e.g.
@@ -374,14 +539,26 @@ class DomainRandomizer:
             :class:`Sensor`.
         vehicles: ``{"count": [lo, hi], "types": {type: prob}, "saturation": [lo, hi],
             "value": [lo, hi], "scale": [lo, hi]}``; hue is uniform over the circle.
-        pedestrians: ``{"count": [lo, hi], "height_m": [lo, hi], "saturation": ..., "value": ...}``.
+            ``"shapes": {shape: weight}`` (cars, :data:`CAR_SHAPES`), ``"aspect": [lo, hi]``.
+        pedestrians: ``{"count": [lo, hi], "height_m": [lo, hi], "saturation": ..., "value": ...,
+            "shapes": {shape: weight}, "aspect": [lo, hi]}``.
+        appearance: ``texture_strength``, ``texture_scale``, ``sun_intensity``,
+            ``ambient_intensity`` (ranges), ``textures: {surface: {family: weight}}``,
+            ``color_jitter`` (range, std of the log tint), ``random_color`` (chance a
+            surface gets a random colour). See :class:`Appearance`.
+        structure: ranges for the fields of :class:`Structure`.
+        distractors: ``{"count": [lo, hi], "kinds": {kind: weight}, "shapes": {shape: weight},
+            "size_m": [lo, hi], "saturation": ..., "value": ...}``.
+
+    Every new block defaults to "off", so a preset without it samples and renders exactly
+    as before.
     """
 
     def __init__(
         self,
         maps: Mapping[str, float],
-        time_of_day: Mapping[str, float],
-        condition: Mapping[str, float],
+        time_of_day: Mapping[str, float] | None = None,
+        condition: Mapping[str, float] | None = None,
         weather: Mapping[str, Any] | None = None,
         weather_by_group: Mapping[str, Mapping[str, Any]] | None = None,
         camera: Mapping[str, Any] | None = None,
@@ -389,12 +566,26 @@ class DomainRandomizer:
         vehicles: Mapping[str, Any] | None = None,
         pedestrians: Mapping[str, Any] | None = None,
         sensor: Mapping[str, Any] | None = None,
+        groups: Mapping[str, float] | None = None,
+        appearance: Mapping[str, Any] | None = None,
+        structure: Mapping[str, Any] | None = None,
+        distractors: Mapping[str, Any] | None = None,
     ) -> None:
         k = "randomization"
         known_maps = set(KNOWN_MAPS) | {f"{m}_Opt" for m in KNOWN_MAPS}
         self.maps = parse_probabilities(maps, f"{k}.maps", sorted(known_maps))
-        self.time_of_day = parse_probabilities(time_of_day, f"{k}.time_of_day", TIMES_OF_DAY)
-        self.condition = parse_probabilities(condition, f"{k}.condition", CONDITIONS)
+        self.joint = None if groups is None else parse_weights(groups, f"{k}.groups", ALL_GROUPS)
+        if self.joint is None and (time_of_day is None or condition is None):
+            raise RandomizationError(
+                f"{k}.{'time_of_day' if time_of_day is None else 'condition'}: missing; give "
+                f"time_of_day and condition probabilities, or a joint {k}.groups table"
+            )
+        self.time_of_day = parse_probabilities(
+            time_of_day or {"day": 1.0}, f"{k}.time_of_day", TIMES_OF_DAY
+        )
+        self.condition = parse_probabilities(
+            condition or {"clear": 1.0}, f"{k}.condition", CONDITIONS
+        )
         self.weather = _parse_block(weather, f"{k}.weather", WEATHER_LIMITS, Weather())
         self.weather_by_group: dict[str, dict[str, Uniform]] = {}
         for group, block in (weather_by_group or {}).items():
@@ -413,11 +604,15 @@ class DomainRandomizer:
                 for f, v in block.items()
             }
         self._check_group_regions()
+        self.extras = _Extras(
+            dict(vehicles or {}), dict(pedestrians or {}), appearance, structure, distractors
+        )
         self.camera = _parse_block(camera, f"{k}.camera", _CAMERA_LIMITS, Camera())
         self.road = _parse_block(road, f"{k}.road", _ROAD_LIMITS, Road(), integers=("lanes",))
         self.sensor = _parse_block(sensor, f"{k}.sensor", _SENSOR_LIMITS, Sensor())
 
-        vehicles = dict(vehicles or {})
+        vehicles = {n: v for n, v in (vehicles or {}).items() if n not in _EXTRA_KEYS}
+        pedestrians = {n: v for n, v in (pedestrians or {}).items() if n not in _EXTRA_KEYS}
         self.vehicle_types = parse_probabilities(
             vehicles.pop("types", {"car": 1.0}), f"{k}.vehicles.types", VEHICLE_TYPES
         )
@@ -454,36 +649,49 @@ class DomainRandomizer:
         return self.weather[name]
 
     def _check_group_regions(self) -> None:
-        for tod, p_t in self.time_of_day.items():
-            for cond, p_c in self.condition.items():
-                if p_t == 0 or p_c == 0:
-                    continue
-                for group in (tod, cond):
-                    for name, (lo, hi) in _GROUP_REGIONS[group].items():
-                        r = self._weather_range(tod, cond, name)
-                        if r.lo < lo or r.hi > hi:
-                            raise RandomizationError(
-                                f"randomization.weather_by_group.{group}.{name}: range "
-                                f"[{r.lo:g}, {r.hi:g}] must lie in [{lo:g}, {hi:g}] for "
-                                f"'{tod}-{cond}' frames to be classified as {group}"
-                            )
+        for name in self.groups:
+            tod, cond = name.split("-")
+            for group in (tod, cond):
+                for field, (lo, hi) in _GROUP_REGIONS[group].items():
+                    r = self._weather_range(tod, cond, field)
+                    if r.lo < lo or r.hi > hi:
+                        raise RandomizationError(
+                            f"randomization.weather_by_group.{group}.{field}: range "
+                            f"[{r.lo:g}, {r.hi:g}] must lie in [{lo:g}, {hi:g}] for "
+                            f"'{tod}-{cond}' frames to be classified as {group}"
+                        )
+
+    @property
+    def group_weights(self) -> dict[str, float]:
+        """``{group: probability}`` of every group this randomizer can produce (> 0): the
+        joint ``groups`` table, or the product of the independent probabilities."""
+        if self.joint is not None:
+            return {g: p for g, p in self.joint.items() if p > 0}
+        return {
+            f"{t}-{c}": pt * pc
+            for t, pt in self.time_of_day.items()
+            for c, pc in self.condition.items()
+            if pt > 0 and pc > 0
+        }
 
     @property
     def groups(self) -> list[str]:
         """Condition groups this randomizer can produce (probability > 0)."""
-        return [
-            f"{t}-{c}"
-            for t, pt in self.time_of_day.items()
-            for c, pc in self.condition.items()
-            if pt > 0 and pc > 0
-        ]
+        return list(self.group_weights)
+
+    def photo_only_keys(self) -> list[str]:
+        """The config keys that ask for looks only the ``photo`` style renders."""
+        return self.extras.photo_only_keys()
 
     def sample(self, seed: int, index: int) -> SceneParams:
         """The parameters of frame ``index`` of a dataset generated with ``seed``."""
         rng = np.random.default_rng([int(seed), int(index), 0x5CE9E])
         map_name = _choose(rng, self.maps)
-        tod = _choose(rng, self.time_of_day)
-        cond = _choose(rng, self.condition)
+        if self.joint is not None:
+            tod, cond = _choose(rng, self.joint).split("-")
+        else:
+            tod = _choose(rng, self.time_of_day)
+            cond = _choose(rng, self.condition)
         weather = Weather(
             **{f.name: self._weather_range(tod, cond, f.name).sample(rng) for f in fields(Weather)}
         )
@@ -505,7 +713,20 @@ class DomainRandomizer:
             for _ in range(self.ped_count.sample(rng))
         )
         sensor = Sensor(**{n: r.sample(rng) for n, r in self.sensor.items()})
-        return SceneParams(map_name, weather, camera, road, vehicles, pedestrians, sensor)
+        # the new blocks draw from their own stream: old presets sample exactly as before
+        extra = np.random.default_rng([int(seed), int(index), 0xA99E])
+        return SceneParams(
+            map_name,
+            weather,
+            camera,
+            road,
+            self.extras.vehicles(extra, vehicles),
+            self.extras.pedestrians(extra, pedestrians),
+            sensor,
+            self.extras.appearance(extra),
+            self.extras.structure(extra),
+            self.extras.distractors(extra),
+        )
 
 
 def _pop_ranges(
@@ -527,3 +748,164 @@ def _hsv_color(rng: np.random.Generator, sat: Uniform, val: Uniform) -> tuple[in
     h = float(rng.uniform(0.0, 1.0))
     r, g, b = colorsys.hsv_to_rgb(h, sat.sample(rng), val.sample(rng))
     return (round(r * 255), round(g * 255), round(b * 255))
+
+
+# --- appearance, structure, distractors, shapes -----------------------------------------
+_EXTRA_KEYS = ("shapes", "aspect")
+_APPEARANCE_RANGES = {
+    "texture_strength": (0.0, (0.0, 1.0), False),
+    "texture_scale": (1.0, (0.25, 4.0), False),
+    "sun_intensity": (1.0, (0.0, 3.0), False),
+    "ambient_intensity": (1.0, (0.0, 3.0), False),
+    "color_jitter": (0.0, (0.0, 1.0), False),
+    "random_color": (0.0, (0.0, 1.0), False),
+}
+_STRUCTURE_RANGES = {
+    "setback_scale": (1.0, (0.0, 1.0), False),
+    "parked_density": (0.0, (0.0, 1.0), False),
+    "street_tree_density": (0.0, (0.0, 1.0), False),
+    "leafless_share": (0.0, (0.0, 1.0), False),
+}
+_DISTRACTOR_RANGES = {
+    "count": (0, (0, 64), True),
+    "size_m": ([0.3, 1.2], (0.05, 5.0), False),
+    "saturation": ([0.0, 1.0], (0.0, 1.0), False),
+    "value": ([0.1, 1.0], (0.0, 1.0), False),
+}
+
+
+def _pick(rng: np.random.Generator, probs: Mapping[str, float]) -> str:
+    """One name drawn by ``probs`` with a single uniform (faster than :func:`_choose`, which
+    the original draws keep so that old presets sample exactly as before)."""
+    names = list(probs)
+    cum = np.cumsum([probs[n] for n in names])
+    return names[
+        min(int(np.searchsorted(cum, rng.uniform() * cum[-1], side="right")), len(names) - 1)
+    ]
+
+
+class _Extras:
+    """Parser and sampler of the blocks added for appearance and structure randomization."""
+
+    def __init__(self, vehicles, pedestrians, appearance, structure, distractors) -> None:
+        k = "randomization"
+        self.car_shapes = parse_weights(
+            vehicles.get("shapes", {"classic": 1.0}), f"{k}.vehicles.shapes", CAR_SHAPES
+        )
+        self.car_aspect = parse_range(
+            vehicles.get("aspect", 1.0), f"{k}.vehicles.aspect", (0.6, 1.6)
+        )
+        self.person_shapes = parse_weights(
+            pedestrians.get("shapes", {"classic": 1.0}), f"{k}.pedestrians.shapes", PERSON_SHAPES
+        )
+        self.person_aspect = parse_range(
+            pedestrians.get("aspect", 1.0), f"{k}.pedestrians.aspect", (0.6, 1.6)
+        )
+        a = dict(appearance or {})
+        textures = a.pop("textures", None) or {}
+        if not isinstance(textures, Mapping):
+            raise RandomizationError(
+                f"{k}.appearance.textures: expected {{surface: {{family: weight}}}}, "
+                f"got {textures!r}"
+            )
+        unknown = sorted(set(textures) - set(SURFACES))
+        if unknown:
+            raise RandomizationError(
+                f"{k}.appearance.textures.{unknown[0]}: unknown surface, expected one of "
+                f"{list(SURFACES)}"
+            )
+        self.textures = {
+            s: parse_weights(
+                textures.get(s) or {"flat": 1.0}, f"{k}.appearance.textures.{s}", TEXTURE_FAMILIES
+            )
+            for s in SURFACES
+        }
+        self.look = _pop_ranges(a, f"{k}.appearance", _APPEARANCE_RANGES)
+        self.layout = _pop_ranges(dict(structure or {}), f"{k}.structure", _STRUCTURE_RANGES)
+        d = dict(distractors or {})
+        self.kinds = parse_weights(
+            d.pop("kinds", {"decal": 1.0, "clutter": 1.0}),
+            f"{k}.distractors.kinds",
+            DISTRACTOR_KINDS,
+        )
+        self.shapes = parse_weights(
+            d.pop("shapes", dict.fromkeys(DISTRACTOR_SHAPES, 1.0)),
+            f"{k}.distractors.shapes",
+            DISTRACTOR_SHAPES,
+        )
+        self.clutter = _pop_ranges(d, f"{k}.distractors", _DISTRACTOR_RANGES)
+
+    def photo_only_keys(self) -> list[str]:
+        k = "randomization"
+        out = [
+            f"{k}.appearance.textures.{s}.{f}"
+            for s, w in self.textures.items()
+            for f in PHOTO_ONLY["textures"]
+            if w.get(f, 0) > 0
+        ]
+        out += [f"{k}.vehicles.shapes.{c}" for c in PHOTO_ONLY["car"] if self.car_shapes.get(c)]
+        out += [
+            f"{k}.pedestrians.shapes.{c}" for c in PHOTO_ONLY["person"] if self.person_shapes.get(c)
+        ]
+        return out
+
+    def vehicles(self, rng, vehicles):
+        out = []
+        for v in vehicles:
+            shape = _pick(rng, self.car_shapes)
+            aspect = self.car_aspect.sample(rng)
+            out.append(
+                VehicleSpec(
+                    v.type, v.color, v.scale, shape if v.type == "car" else "classic", aspect
+                )
+            )
+        return tuple(out)
+
+    def pedestrians(self, rng, pedestrians):
+        return tuple(
+            PedestrianSpec(
+                p.color,
+                p.height_m,
+                _pick(rng, self.person_shapes),
+                self.person_aspect.sample(rng),
+            )
+            for p in pedestrians
+        )
+
+    def appearance(self, rng) -> Appearance:
+        look = {n: r.sample(rng) for n, r in self.look.items()}
+        textures = tuple(_pick(rng, self.textures[s]) for s in SURFACES)
+        tints = []
+        for _ in SURFACES:
+            if look["random_color"] > 0 and rng.uniform() < look["random_color"]:
+                c = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.9), rng.uniform(0.4, 1.0))
+                tints.append(tuple(round(2.0 * x, 4) for x in c))
+            elif look["color_jitter"] > 0:
+                j = look["color_jitter"]
+                t = np.exp(rng.normal(0.0, j) + rng.normal(0.0, j / 2, size=3))
+                tints.append(tuple(round(float(x), 4) for x in np.clip(t, 0.2, 3.0)))
+            else:
+                tints.append((1.0, 1.0, 1.0))
+        return Appearance(
+            look["texture_strength"],
+            look["texture_scale"],
+            textures,
+            tuple(tints),
+            look["sun_intensity"],
+            look["ambient_intensity"],
+        )
+
+    def structure(self, rng) -> Structure:
+        return Structure(**{n: r.sample(rng) for n, r in self.layout.items()})
+
+    def distractors(self, rng) -> tuple[DistractorSpec, ...]:
+        c = self.clutter
+        return tuple(
+            DistractorSpec(
+                _pick(rng, self.kinds),
+                _pick(rng, self.shapes),
+                _hsv_color(rng, c["saturation"], c["value"]),
+                c["size_m"].sample(rng),
+            )
+            for _ in range(c["count"].sample(rng))
+        )

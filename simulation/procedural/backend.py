@@ -55,6 +55,12 @@ class ProceduralBackend:
             self.style = get_style(style)
         except ValueError as exc:
             raise ValueError(f"backend.{exc}") from None
+        reserved = [] if self.style.photo_only_looks else randomizer.photo_only_keys()
+        if reserved:
+            raise ValueError(
+                f"{reserved[0]}: only the photo style (the stand-in for a real camera) renders "
+                f"this look; the {self.style.name} style cannot sample it (set its weight to 0)"
+            )
         self.batch_size = batch_size
         self.renderer = ProceduralRenderer(
             height, width, self.style, {c: i for i, c in enumerate(taxonomy.classes)}, compile

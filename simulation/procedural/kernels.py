@@ -23,6 +23,9 @@ M_SKY, M_ROAD, M_MARK, M_SIDEWALK, M_TERRAIN, M_FENCE, M_WINDOW = range(7)
 M_BUILDING = 7  # .. 12, six facade colours
 M_VEG = 13  # .. 15, three vegetation shades
 NUM_MATERIALS = 16
+#: The :data:`~simulation.randomization.SURFACES` index of each material (-1: none), which
+#: decides its texture family and tint.
+MATERIAL_SURFACE = (-1, 0, -1, 1, 4, 5, -1, 2, 2, 2, 2, 2, 2, 3, 3, 3)
 # Surfaces for lighting: their normals decide the sun's contribution.
 S_SKY, S_GROUND, S_LEFT, S_RIGHT, S_UPRIGHT = range(5)
 #: Order of the weather columns handed to :func:`shade` (fields of ``Weather``).
@@ -291,13 +294,16 @@ def sky(dx, yw, zw, wx, noise):
     return out.clamp(0.0, 1.0)
 
 
-def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, streak, noise):
+def shade(
+    albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, streak, noise, light_k
+):
     """Light, sky, reflections, night lights, fog/haze/dust and rain streaks.
 
     Args:
         albedo_: ``(N, H, W, 3)``; surface uint8; emissive, depth (m), height (m) and
             streak (rain-streak intensity) ``(N, H, W)``; puddle bool ``(N, H, W)``.
         wx: ``(N, len(WEATHER_COLUMNS))`` weather values.
+        light_k: ``(N, 2)`` factors of the direct sun and the ambient light.
 
     Returns:
         ``(N, H, W, 3)`` float in [0, 1].
@@ -307,8 +313,8 @@ def shade(albedo_, surface, emissive, depth, height, puddle, dx, yw, zw, wx, str
     ones = torch.ones(n)
     sun_col = torch.stack([ones, 0.55 + 0.42 * warm, 0.3 + 0.62 * warm], -1)
     amb_col = torch.stack([0.55 + 0.2 * day, 0.62 + 0.23 * day, ones], -1)
-    amb = 0.1 + 0.42 * day * (1.0 - 0.3 * cloud) * (1.0 - 0.3 * rain)
-    sun = 0.75 * day * (1.0 - 0.85 * cloud) * (1.0 - 0.6 * rain)
+    amb = (0.1 + 0.42 * day * (1.0 - 0.3 * cloud) * (1.0 - 0.3 * rain)) * light_k[:, 1]
+    sun = 0.75 * day * (1.0 - 0.85 * cloud) * (1.0 - 0.6 * rain) * light_k[:, 0]
     sx, sy, sz = torch.cos(alt) * torch.sin(az), torch.sin(alt), torch.cos(alt) * torch.cos(az)
     zero = torch.zeros(n)
     lambert = torch.stack(

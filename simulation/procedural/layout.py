@@ -7,6 +7,7 @@ ego lane's centre line and ``z`` the distance (m) along the road ahead.
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,8 @@ class Objects:
     template: np.ndarray
     label: np.ndarray
     color: np.ndarray  # (K, 3) in [0, 1]
+    decal: np.ndarray  # (K,) bool: flat on the ground (``width`` across, ``height`` along z)
+    texture: np.ndarray  # (K,) foliage texture strength of canopies
 
 
 def road_edges(lanes: int, lane_width: float) -> tuple[float, float]:
@@ -109,7 +112,7 @@ def make_street(p: SceneParams, rng: np.random.Generator) -> Street:
     style = map_style(p.map)
     road = p.road
     le, re = road_edges(road.lanes, road.lane_width_m)
-    setback = rng.uniform(*style.setback, size=2)
+    setback = rng.uniform(*style.setback, size=2) * p.structure.setback_scale
     block_len = float(rng.uniform(*style.block_len))
     p_b = style.p_building * road.building_density
     p_t = (1.0 - p_b) * min(1.0, style.p_trees * (0.4 + road.tree_density))
@@ -144,8 +147,11 @@ def make_objects(
     labels: dict[str, int],
     sign_colors: np.ndarray,
     vegetation_colors: np.ndarray,
+    extra_rng: np.random.Generator | None = None,
 ) -> Objects:
-    """Place the frame's vehicles, pedestrians, poles, signs, lamps and trees."""
+    """Place the frame's vehicles, pedestrians, poles, signs, lamps and trees; then, from
+    ``extra_rng`` (so the first draws stay those of before), parked cars, street trees
+    and distractors."""
     road = p.road
     le, re, w = street.left_edge, street.right_edge, road.lane_width_m
     sw = road.sidewalk_width_m
@@ -154,7 +160,7 @@ def make_objects(
 
     for v in p.vehicles:
         width, height, ridden = VEHICLE_SIZES[v.type]
-        width, height = width * v.scale, height * v.scale
+        width, height = width * v.scale * v.aspect, height * v.scale
         color = np.asarray(v.color, np.float32) / 255.0
         if rng.uniform() < 0.25:  # parked at a kerb, facing our way of travel
             e = re - 0.5 * width - 0.3 if rng.uniform() < 0.7 else le + 0.5 * width + 0.3
@@ -167,7 +173,7 @@ def make_objects(
         if v.type in ("motorcycle", "bicycle"):
             template = TEMPLATE_ID[v.type]
         else:
-            template = TEMPLATE_ID[f"{v.type}_{'front' if oncoming else 'rear'}"]
+            template = _vehicle_template(v.type, v.shape, oncoming)
         rows.append((e, z, width, height, 0.0, template, labels["vehicle"], color))
         if ridden:  # the rider is a person, as in CARLA and Cityscapes
             rider = rng.uniform(0.1, 0.8, size=3).astype(np.float32)
@@ -192,10 +198,11 @@ def make_objects(
             off = rng.uniform(0.3, max(0.31, sw - 0.3))
             e = re + off if rng.uniform() < 0.5 else le - off
             z = rng.uniform(4.0, 45.0)
-        width = 0.55 * ped.height_m / 1.75
-        rows.append(
-            (e, z, width, ped.height_m, 0.0, TEMPLATE_ID["pedestrian"], labels["person"], color)
-        )
+        width = 0.55 * ped.height_m / 1.75 * ped.aspect
+        template = TEMPLATE_ID[
+            "pedestrian" if ped.shape == "classic" else f"pedestrian_{ped.shape}"
+        ]
+        rows.append((e, z, width, ped.height_m, 0.0, template, labels["person"], color))
 
     spacing = map_style(p.map).pole_spacing
     for side, e_pole in ((1, re + max(sw - 0.3, 0.15)), (-1, le - max(sw - 0.3, 0.15))):
@@ -256,6 +263,17 @@ def make_objects(
             )
         )
 
+    texture = [0.0] * len(rows)
+    strength = p.appearance.texture_strength
+    for i, row in enumerate(rows):
+        if row[5] == TEMPLATE_ID["tree"]:
+            texture[i] = strength
+    decal = [False] * len(rows)
+    if extra_rng is not None:
+        extra = structure_rows(p, street, extra_rng, labels, vegetation_colors)
+        rows += [r[:8] for r in extra]
+        decal += [r[8] for r in extra]
+        texture += [r[9] for r in extra]
     if not rows:
         empty = np.zeros(0, np.float32)
         return Objects(
@@ -267,6 +285,8 @@ def make_objects(
             empty.astype(np.int64),
             empty.astype(np.uint8),
             np.zeros((0, 3), np.float32),
+            np.zeros(0, bool),
+            empty,
         )
     cols = list(zip(*rows, strict=True))
     return Objects(
@@ -278,4 +298,94 @@ def make_objects(
         template=np.asarray(cols[5], np.int64),
         label=np.asarray(cols[6], np.uint8),
         color=np.stack(cols[7]).astype(np.float32),
+        decal=np.asarray(decal, bool),
+        texture=np.asarray(texture, np.float32),
     )
+
+
+def _vehicle_template(kind: str, shape: str, oncoming: bool) -> int:
+    side = "front" if oncoming else "rear"
+    if kind == "car" and shape != "classic":
+        return TEMPLATE_ID[f"car_{shape}_{side}"]
+    return TEMPLATE_ID[f"{kind}_{side}"]
+
+
+def structure_rows(
+    p: SceneParams,
+    street: Street,
+    rng: np.random.Generator,
+    labels: dict[str, int],
+    vegetation_colors: np.ndarray,
+) -> list[tuple]:
+    """Parked cars along the kerbs, street trees on the sidewalks and distractors, as rows
+    ``(e, z, width, height, base, template, label, colour, decal, texture)``."""
+    st, road = p.structure, p.road
+    le, re, sw = street.left_edge, street.right_edge, road.sidewalk_width_m
+    rows: list[tuple] = []
+    # parked cars take the body shapes the preset gives its cars (photo-only shapes stay photo)
+    shapes = [v.shape for v in p.vehicles if v.type == "car"] or ["classic"]
+    sides = (1, -1) if road.lanes >= 2 else (1,)
+    for side in sides:
+        if st.parked_density <= 0:
+            break
+        z = rng.uniform(3.0, 9.0)
+        while z < 75.0:
+            if rng.uniform() < st.parked_density:
+                kind = "car" if rng.uniform() < 0.85 else "van"
+                width, height, _ = VEHICLE_SIZES[kind]
+                scale = rng.uniform(0.92, 1.08)
+                width, height = width * scale * rng.uniform(0.92, 1.08), height * scale
+                e = re - 0.5 * width - 0.2 if side == 1 else le + 0.5 * width + 0.2
+                shape = shapes[int(rng.integers(0, len(shapes)))] if kind == "car" else "classic"
+                color = np.asarray(
+                    colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.8), rng.uniform(0.1, 0.95)),
+                    np.float32,
+                )
+                template = _vehicle_template(kind, shape, oncoming=side == -1)
+                rows.append(
+                    (e, z, width, height, 0.0, template, labels["vehicle"], color, False, 0.0)
+                )
+            z += rng.uniform(5.5, 7.0)
+    for side in (1, -1):
+        if st.street_tree_density <= 0:
+            break
+        z = rng.uniform(2.0, 9.0)
+        while z < 85.0:
+            if rng.uniform() < st.street_tree_density:
+                off = min(0.7, 0.4 * sw) if sw > 0.3 else sw + 0.4
+                e = re + off if side == 1 else le - off
+                height = rng.uniform(5.0, 10.0)
+                leafless = rng.uniform() < st.leafless_share
+                name = (
+                    "tree_leafless" if leafless else ("tree_round", "tree_tall")[rng.integers(0, 2)]
+                )
+                color = vegetation_colors[rng.integers(0, len(vegetation_colors))]
+                texture = 0.0 if leafless else p.appearance.texture_strength
+                width = (0.7 if leafless else 0.55) * height
+                rows.append(
+                    (
+                        e,
+                        z,
+                        width,
+                        height,
+                        0.0,
+                        TEMPLATE_ID[name],
+                        labels["vegetation"],
+                        color,
+                        False,
+                        texture,
+                    )
+                )
+            z += rng.uniform(7.5, 10.5)
+    for d in p.distractors:
+        color = np.asarray(d.color, np.float32) / 255.0
+        template = TEMPLATE_ID[f"distractor_{d.shape}"]
+        if d.kind == "decal":  # flat on the road or sidewalk: the surface keeps its label
+            e, z = rng.uniform(le - sw, re + sw), rng.uniform(4.0, 40.0)
+            rows.append((e, z, d.size_m, d.size_m, 0.0, template, 255, color, True, 0.0))
+        else:  # upright clutter on a sidewalk: ignore, not a class of the taxonomy
+            off = rng.uniform(0.2, max(0.25, sw - 0.2))
+            e = re + off if rng.uniform() < 0.5 else le - off
+            z = rng.uniform(4.0, 50.0)
+            rows.append((e, z, d.size_m, d.size_m, 0.0, template, 255, color, False, 0.0))
+    return rows

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simulation.procedural import camera_effects, kernels
+from simulation.procedural import camera_effects, kernels, textures
 from simulation.procedural.kernels import (
     M_BUILDING,
     M_FENCE,
@@ -34,6 +34,7 @@ from simulation.procedural.kernels import (
     M_TERRAIN,
     M_VEG,
     M_WINDOW,
+    MATERIAL_SURFACE,
     NUM_MATERIALS,
     S_UPRIGHT,
     WEATHER_COLUMNS,
@@ -166,10 +167,12 @@ class ProceduralRenderer:
         """
         h, w = self.height, self.width
         rngs = [np.random.default_rng([int(sd), int(i), 0x1A70]) for sd, i in keys]
+        # parked cars, street trees and distractors draw from their own stream
+        extra = [np.random.default_rng([int(sd), int(i), 0x57C7]) for sd, i in keys]
         streets = [make_street(p, r) for p, r in zip(params, rngs, strict=True)]
         objects = [
-            make_objects(p, st, r, self.labels, self._sign_colors, self._veg_colors)
-            for p, st, r in zip(params, streets, rngs, strict=True)
+            make_objects(p, st, r, self.labels, self._sign_colors, self._veg_colors, x)
+            for p, st, r, x in zip(params, streets, rngs, extra, strict=True)
         ]
         tex_off = torch.from_numpy(np.array([r.uniform(0, 256, size=2) for r in rngs], np.float32))
         g = _Geometry(params, h, w)
@@ -210,13 +213,28 @@ class ProceduralRenderer:
             _column([p.weather.precipitation_deposits / 100.0 for p in params]),
             noise,
         )
+        albedo = self._appearance(params, albedo, material, surface, depth, tex_u, tex_v, g, keys)
         # upright objects, z-tested against the background (numpy views share memory)
         depth_np, label_np = depth.numpy(), label.numpy()
         albedo_np, emissive_np = albedo.numpy(), emissive.numpy()
         before = depth_np.copy()
-        rasterize(
-            self._project(objects, g), depth_np, label_np, albedo_np, emissive_np, self._parts
-        )
+        sprites = self._project(objects, g)
+        tile = None
+        if sprites.texture is not None and (sprites.texture > 0).any():
+            tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
+        decal = sprites.decal
+        if decal.any():
+            rasterize(
+                _select(sprites, decal),
+                depth_np,
+                label_np,
+                albedo_np,
+                emissive_np,
+                self._parts,
+                True,
+            )
+            sprites = _select(sprites, ~decal)
+        rasterize(sprites, depth_np, label_np, albedo_np, emissive_np, self._parts, tile=tile)
         upright = torch.from_numpy(depth_np != before)
         surface[upright] = S_UPRIGHT
         height_m[upright] = 1.0
@@ -224,8 +242,24 @@ class ProceduralRenderer:
             [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
         )
         streak = self._streaks(params, keys)
+        light_k = torch.tensor(
+            [[p.appearance.sun_intensity, p.appearance.ambient_intensity] for p in params],
+            dtype=torch.float32,
+        )
         image = k["shade"](
-            albedo, surface, emissive, depth, height_m, puddle, g.dx, g.yw, g.zw, wx, streak, noise
+            albedo,
+            surface,
+            emissive,
+            depth,
+            height_m,
+            puddle,
+            g.dx,
+            g.yw,
+            g.zw,
+            wx,
+            streak,
+            noise,
+            light_k,
         )
         image = image.permute(0, 3, 1, 2).contiguous()
         image = camera_effects.apply(image, self.style, keys)
@@ -243,11 +277,55 @@ class ProceduralRenderer:
             field = _rain_streaks(min(2, int(p.weather.wind_intensity // 34)))
             r = np.random.default_rng([int(seed), int(index), 0x4A1])
             oy, ox = int(r.integers(0, field.shape[0])), int(r.integers(0, field.shape[1]))
-            tile = torch.roll(field, shifts=(oy, ox), dims=(0, 1))
-            if h > tile.shape[0] or w > tile.shape[1]:
-                tile = tile.repeat(h // tile.shape[0] + 1, w // tile.shape[1] + 1)
-            streak[i] = tile[:h, :w]
+            # the crop of the field rolled by (oy, ox), tiled where the image is larger
+            rows = (torch.arange(h) - oy) % field.shape[0]
+            cols = (torch.arange(w) - ox) % field.shape[1]
+            streak[i] = field[rows[:, None], cols[None, :]]
         return streak
+
+    # ------------------------------------------------------------ appearance
+    def _appearance(self, params, albedo, material, surface, depth, tex_u, tex_v, g, keys):
+        """Surface textures and colour tints of :class:`~simulation.randomization.Appearance`
+        on ``albedo (N, H, W, 3)``; frames without them are left exactly as they are."""
+        strength = [p.appearance.texture_strength for p in params]
+        tinted = [any(t != (1.0, 1.0, 1.0) for t in p.appearance.tints) for p in params]
+        if not any(strength) and not any(tinted):
+            return albedo
+        n = len(params)
+        surf = torch.tensor(MATERIAL_SURFACE)
+        idx = material + (torch.arange(n) * len(MATERIAL_SURFACE)).view(n, 1, 1)
+        factor = torch.ones(material.shape)
+        if any(strength):
+            fam = torch.tensor(
+                [[textures.FAMILY_ID[f] for f in p.appearance.textures] for p in params]
+            )  # (N, len(SURFACES))
+            fam = torch.cat([fam, torch.zeros(n, 1, dtype=fam.dtype)], 1)  # -1 -> flat
+            table = fam[:, surf].reshape(-1)  # (N * NUM_MATERIALS,), family per material
+            footprint = depth / g.f
+            ground = surface == kernels.S_GROUND
+            footprint = torch.where(
+                ground, footprint * (depth / (4.0 * g.cam_h)).clamp(1.0, 8.0), footprint
+            )
+            offsets = []
+            for seed, index in keys:
+                r = np.random.default_rng([int(seed), int(index), 0x7E7])
+                offsets.append(r.uniform(0, textures.S, size=2))
+            value = textures.texture_lookup(
+                table[idx],
+                tex_u,
+                tex_v,
+                footprint,
+                _column([p.appearance.texture_scale for p in params]),
+                torch.tensor(np.asarray(offsets), dtype=torch.float32),
+            )
+            factor = 1.0 + _column(strength) * (value - 0.5) * 1.6
+        factor = factor.unsqueeze(-1)
+        if any(tinted):
+            tints = torch.tensor([p.appearance.tints for p in params], dtype=torch.float32)
+            tints = torch.cat([tints, torch.ones(n, 1, 3)], 1)[:, surf].reshape(-1, 3)
+            factor = factor * tints[idx]
+        out = albedo * factor
+        return out
 
     # --------------------------------------------------------------- sprites
     def _project(self, objects: Sequence[Objects], g: _Geometry) -> Sprites:
@@ -255,7 +333,18 @@ class ProceduralRenderer:
         frame = np.repeat(np.arange(len(objects)), counts)
         cat = {
             k: np.concatenate([getattr(o, k) for o in objects])
-            for k in ("e", "z", "width", "height", "base", "template", "label", "color")
+            for k in (
+                "e",
+                "z",
+                "width",
+                "height",
+                "base",
+                "template",
+                "label",
+                "color",
+                "decal",
+                "texture",
+            )
         }
         cam = g.per_frame_np(frame)
         x = cam["c0"] + cam["ty"] * cat["z"] + cam["a"] * cat["z"] ** 2 + cat["e"]
@@ -269,10 +358,23 @@ class ProceduralRenderer:
 
         v_bot, z_bot = project(cat["base"])
         v_top, _ = project(cat["base"] + cat["height"])
+        decal = cat["decal"]
+        if decal.any():  # flat on the ground: from its near edge up to its far edge
+            half = np.where(decal, cat["height"] / 2, 0.0)
+            zc = cat["z"]
+            cat["z"] = zc - half
+            v_near, z_near = project(np.zeros_like(zc))
+            cat["z"] = zc + half
+            v_far, _ = project(np.zeros_like(zc))
+            cat["z"] = zc
+            v_bot, v_top = np.where(decal, v_near, v_bot), np.where(decal, v_far, v_top)
+            z_bot = np.where(decal, z_near, z_bot)
         u_c = self.width / 2 + cam["f"] * x / z_bot
         w_px = cam["f"] * cat["width"] / z_bot
         visible = (z_bot > 0.5) & (v_bot > v_top)
-        depth = np.where(visible, cat["z"], -1.0).astype(np.float32)
+        # a decal's depth is its near edge, so the ground under all of it passes the test
+        z_ref = np.where(decal, cat["z"] - cat["height"] / 2 - 0.05, cat["z"])
+        depth = np.where(visible, z_ref, -1.0).astype(np.float32)
         return Sprites(
             frame=frame,
             u0=(u_c - w_px / 2).astype(np.float64),
@@ -283,6 +385,8 @@ class ProceduralRenderer:
             template=cat["template"],
             label=cat["label"],
             color=cat["color"],
+            texture=cat["texture"],
+            decal=decal,
         )
 
     # ------------------------------------------------------------------ roll
@@ -348,3 +452,10 @@ class _Geometry:
             k: getattr(self, k).view(-1).double().numpy()[frame]
             for k in ("f", "pitch", "cam_h", "c0", "ty", "a")
         }
+
+
+def _select(sprites: Sprites, keep: np.ndarray) -> Sprites:
+    """The sprites where ``keep`` is true."""
+    return Sprites(
+        **{f: (v[keep] if isinstance(v, np.ndarray) else v) for f, v in vars(sprites).items()}
+    )

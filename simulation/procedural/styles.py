@@ -60,6 +60,8 @@ class Style:
     building_height_scale: float = 1.0
     tree_density_offset: float = 0.0
     sidewalk_offset_m: float = 0.0
+    #: Whether this style renders the looks of :data:`~simulation.randomization.PHOTO_ONLY`.
+    photo_only_looks: bool = False
 
     def adjust(self, params: SceneParams) -> SceneParams:
         """The scene this style actually renders for ``params`` (recorded in the manifest)."""
@@ -160,6 +162,7 @@ PHOTO = Style(
     building_height_scale=1.3,
     tree_density_offset=0.15,
     sidewalk_offset_m=0.5,
+    photo_only_looks=True,
 )
 
 STYLES = {s.name: s for s in (SIM, PHOTO)}

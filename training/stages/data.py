@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from core.config import ConfigError, instantiate_checked, plain
-from core.paths import generated_root
+from core.paths import generated_root, split_randomization
 from simulation.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def ensure_procedural_datasets(
                     "compile": False,
                 },
                 "taxonomy": taxonomy,
-                "randomization": gen["randomization"],
+                "randomization": split_randomization(gen, split),
             }
         )
         run_generate(cfg)
