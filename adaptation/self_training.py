@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 IGNORE = 255
 KEY = "adaptation.self_training"
+#: Steps between two measurements of teacher-student agreement (each one more forward).
+AGREEMENT_EVERY = 10
 #: Share of confident pixels of one class above which the teacher is said to collapse.
 COLLAPSE_SHARE = 0.95
 
@@ -157,7 +159,8 @@ def example_grid(real: Tensor, pseudo: Tensor, mixed: Tensor, student: Tensor, p
 class SelfTrainingObjective(Objective):
     """The self-training loss terms of one stage (module doc). Logs ``self_training/*``:
     ``loss_mix``, ``loss_mic``, ``confidence``, ``confident_share``, ``agreement``
-    (teacher vs student on the real images), ``pseudo/<class>`` (each class's share of
+    (teacher vs student on the real images, every :data:`AGREEMENT_EVERY` steps),
+    ``pseudo/<class>`` (each class's share of
     the confident pseudo-labels), ``top_class_share`` and ``collapsed``; every
     ``image_every`` steps it keeps rows of ``real | pseudo-label | mixed | student`` in
     :attr:`example` for the callback to log."""
@@ -240,15 +243,17 @@ class SelfTrainingObjective(Objective):
             loss = loss + self.weight * term
             logs["self_training/loss_mic"] = term.detach()
         with torch.no_grad():
-            student = self._student[0]
-            was_training = student.training
-            student.eval()  # a measurement: no BatchNorm statistics of real images taken
-            try:
-                student_real, _ = outputs.forward_features(real)
-            finally:
-                student.train(was_training)
-            agree = (student_real.argmax(1) == teacher_logits.argmax(1)).float().mean()
-            logs["self_training/agreement"] = agree
+            image_step = bool(self.image_every) and outputs.step % self.image_every == 0
+            if outputs.step % AGREEMENT_EVERY == 0 or image_step:  # an extra forward pass
+                student = self._student[0]
+                was_training = student.training
+                student.eval()  # a measurement: no BatchNorm statistics of real images taken
+                try:
+                    student_real, _ = outputs.forward_features(real)
+                finally:
+                    student.train(was_training)
+                agree = (student_real.argmax(1) == teacher_logits.argmax(1)).float().mean()
+                logs["self_training/agreement"] = agree
             confident = labels[labels != IGNORE]
             counts = torch.bincount(confident.flatten().cpu(), minlength=self.num_classes)
             shares = counts.float() / max(int(counts.sum()), 1)
@@ -257,7 +262,7 @@ class SelfTrainingObjective(Objective):
                 logs[f"self_training/pseudo/{name}"] = share
             logs["self_training/top_class_share"] = shares.max()
             logs["self_training/collapsed"] = float(shares.max() > COLLAPSE_SHARE)
-            if self.image_every and outputs.step % self.image_every == 0:
+            if image_step:
                 rows = slice(0, 4)
                 shown = images if self.mix else real
                 self.example = tuple(

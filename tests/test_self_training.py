@@ -143,6 +143,10 @@ def test_mic_masks_the_students_input_only():
     masked = student.seen[0]
     assert (masked == 0).any() and not torch.equal(masked, real)
     assert loss.requires_grad and "self_training/loss_mic" in logs
+    assert "self_training/agreement" not in logs  # measured every AGREEMENT_EVERY steps
+    outputs = StepOutputs(logits, feats, student.forward_features, step=10, total_steps=20)
+    objective._batches = iter([{"image": real}])
+    _, logs = objective(batch, outputs)
     assert 0.0 <= float(logs["self_training/agreement"]) <= 1.0
 
 
