@@ -157,10 +157,17 @@ def test_presets_get_their_own_dataset_folders(tmp_path):
     assert re.fullmatch(
         re.escape(str(tmp_path / "smoke")) + r"/sim_train-[0-9a-f]{12}", light["sim_train"]
     )
-    assert set(light) == set(full) and not set(light.values()) & set(full.values())
+    sim = {"sim_train", "sim_val"}
+    assert set(light) == set(full)
+    assert all(full[r] != light[r] for r in sim)
+    # the real splits render their own camera world: a sim preset never regenerates them
+    assert all(full[r] == light[r] for r in set(light) - sim)
     assert roots("randomization=light") == light  # same settings, same folders
     changed = roots("randomization.weather.cloudiness=[0,61]")
-    assert all(changed[r] != light[r] for r in light)
+    assert all(changed[r] != light[r] for r in sim)
+    world = roots("data.generate.camera_world.weather.cloudiness=[0,61]")
+    assert all(world[r] != light[r] for r in set(light) - sim)
+    assert all(world[r] == light[r] for r in sim)
     seed = roots("data.generate.splits.sim_val.seed=7")
     assert seed["sim_val"] != light["sim_val"] and seed["sim_train"] == light["sim_train"]
     assert roots("data.image.height=32")["real_test"] != light["real_test"]

@@ -198,6 +198,9 @@ def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
             f"paths.output={tmp_path / 'out'}",
             "log_model=false",
             "stages.source_only.max_epochs=1",
+            # the console is quiet by default; Lightning's "Initializing distributed" line
+            # (one per rank) is what shows two processes
+            "hydra.verbose=[lightning_fabric]",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -206,7 +209,7 @@ def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
         env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "MEMBER: 2/2" in out.stderr
+    assert "MEMBER: 2/2" in out.stderr + out.stdout
     assert out.stdout.count("| finetune |") == 1  # rank zero reports, once
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id])
