@@ -181,7 +181,6 @@ def class_pixel_counts(
     sim_train: Any,
     real_labelled: Any,
     sim_ratio: float,
-    num_classes: int,
     class_names: list[str],
     frames: int = HISTOGRAM_FRAMES,
 ) -> np.ndarray:
@@ -195,6 +194,7 @@ def class_pixel_counts(
     has no card, and a generated real set's card would count labels the stage never sees.
     Uniform when neither side has a labelled pixel.
     """
+    num_classes = len(class_names)
     shares = np.zeros(num_classes)
     for dataset, weight in ((sim_train, sim_ratio), (real_labelled, 1.0 - sim_ratio)):
         if dataset is None or weight <= 0 or len(dataset) == 0:

@@ -153,7 +153,6 @@ def build_stage(
         dm.sim_train if spec.sim_ratio > 0 else None,
         dm.real_subset if spec.sim_ratio < 1 else None,
         spec.sim_ratio,
-        taxonomy.num_classes,
         list(taxonomy.classes),
     )
     weights = class_weights_from_histogram(counts, method=recipe.class_weighting)
