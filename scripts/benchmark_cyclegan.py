@@ -4,6 +4,8 @@
     python scripts/benchmark_cyclegan.py --config reference \\
         --reference-repo /path/to/pytorch-CycleGAN-and-pix2pix        # side by side
     python scripts/benchmark_cyclegan.py --config small --iters 20 --lightning --json out.json
+    python scripts/benchmark_cyclegan.py --config small --curve-iters 50 \\
+        --reference-repo /path/to/pytorch-CycleGAN-and-pix2pix        # loss curves, both
 
 Configs: ``reference`` is the architecture of Zhu et al. (9-block ResNet generator, 3-layer
 PatchGAN, ngf = ndf = 64, batch 1, 256x256); ``small`` is a CPU-sized one (ngf = ndf = 16,
@@ -13,7 +15,14 @@ selected config.
 One training iteration is the work ``CycleGAN.training_step`` does per batch, run in a plain
 loop without a Trainer: both generators forward, cycle and identity passes, generator update
 (discriminators frozen, as ``toggle_optimizer`` does), then both discriminators on real and
-pooled fake images, discriminator update -- two Adam steps. ``--lightning`` also times the
+pooled fake images, discriminator update -- two Adam steps. Our iteration is timed in the
+``--forms`` asked (default ``fp32``, ``bf16`` autocast as ``trainer.precision=bf16-mixed``
+runs it, and ``bf16+cl`` with channels_last; ``bf16+cl+compile`` adds ``torch.compile``),
+each from the same initial weights, and each form's speed-up is printed against the
+reference and against the form before it (each step's own gain). ``--curve-iters N``
+records the generator and discriminator losses of the fastest form and of the reference
+over the same first N iterations (smooth random images, the same batches for both) and
+prints how well the curves agree in trend. ``--lightning`` also times the
 real ``training_step`` inside a ``pl.Trainer`` (per batch, hook to hook) to show the
 Trainer's overhead against the plain loop.
 
@@ -95,23 +104,49 @@ def build_ours(cfg: dict[str, int], seed: int = 0) -> CycleGAN:
     )
 
 
-def our_trainer_free_step(model: CycleGAN) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One ``training_step`` of ``model`` without Lightning: returns ``step(sim01, real01)``.
+#: Our training forms: name -> (bf16 autocast, channels_last, torch.compile).
+FORMS: dict[str, tuple[bool, bool, bool]] = {
+    "fp32": (False, False, False),
+    "bf16": (True, False, False),
+    "bf16+cl": (True, True, False),
+    "bf16+cl+compile": (True, True, True),
+}
+#: Forms timed unless ``--forms`` says otherwise (compiling takes minutes on 2 cores).
+DEFAULT_FORMS = ("fp32", "bf16", "bf16+cl")
+
+
+def our_trainer_free_step(
+    model: CycleGAN, bf16: bool = False, channels_last: bool = False, compile: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]]:
+    """One ``training_step`` of ``model`` without Lightning: returns ``step(sim01, real01)``,
+    which gives the step's ``g_loss`` and ``d_loss``.
 
     Same losses, weights, pools and update order as ``CycleGAN.training_step``; the
     ``toggle_optimizer`` / ``untoggle_optimizer`` pairs are replaced by the ``requires_grad``
     switches they perform. Not done: the LR schedule (a constant factor here) and logging.
+    ``bf16`` runs both halves under ``torch.autocast`` as ``trainer.precision=bf16-mixed``
+    does (losses in fp32, weights and Adam state in fp32); ``channels_last`` puts weights
+    and images in NHWC; ``compile`` wraps the four networks in ``torch.compile``.
     """
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        for name in ("g_sim2real", "g_real2sim", "d_real", "d_sim"):
+            setattr(model, name, torch.compile(getattr(model, name)))
     opt_g, opt_d = model.configure_optimizers()
     g_params = [p for group in opt_g.param_groups for p in group["params"]]
     d_params = [p for group in opt_d.param_groups for p in group["params"]]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def step(sim01: torch.Tensor, real01: torch.Tensor) -> None:
-        sim, real = sim01 * 2 - 1, real01 * 2 - 1
+    def step(sim01: torch.Tensor, real01: torch.Tensor) -> dict[str, float]:
+        sim = (sim01 * 2 - 1).contiguous(memory_format=fmt)
+        real = (real01 * 2 - 1).contiguous(memory_format=fmt)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         for p in d_params:  # toggle_optimizer(opt_g)
             p.requires_grad_(False)
-        losses, fake_real, fake_sim = model.generator_losses(sim, real)
-        g_loss = model.generator_objective(losses)
+        with autocast:
+            losses, fake_real, fake_sim = model.generator_losses(sim, real)
+            g_loss = model.generator_objective(losses)
         opt_g.zero_grad()
         g_loss.backward()
         opt_g.step()
@@ -119,12 +154,14 @@ def our_trainer_free_step(model: CycleGAN) -> Callable[[torch.Tensor, torch.Tens
             p.requires_grad_(True)
         for p in g_params:  # toggle_optimizer(opt_d)
             p.requires_grad_(False)
-        d_loss = model.discriminator_loss(sim, real, fake_sim, fake_real)
+        with autocast:
+            d_loss = model.discriminator_loss(sim, real, fake_sim, fake_real)
         opt_d.zero_grad()
         d_loss.backward()
         opt_d.step()
         for p in g_params:  # untoggle_optimizer(opt_d)
             p.requires_grad_(True)
+        return {"g_loss": float(g_loss.detach()), "d_loss": float(d_loss.detach())}
 
     return step
 
@@ -281,18 +318,72 @@ def build_reference(
     return model, note
 
 
-def reference_step(model: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """``step(sim01, real01)``: ``set_input`` + ``optimize_parameters()`` of the reference."""
+def reference_step(model: Any) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]]:
+    """``step(sim01, real01)``: ``set_input`` + ``optimize_parameters()`` of the reference;
+    gives its generator loss (``loss_G``, the same weighted sum as ours) and the sum of its
+    two discriminator losses (``loss_D_A + loss_D_B``, each already halved as ours)."""
     paths = ["benchmark.png"]
 
-    def step(sim01: torch.Tensor, real01: torch.Tensor) -> None:
+    def step(sim01: torch.Tensor, real01: torch.Tensor) -> dict[str, float]:
         # Its datasets hand over images normalized to [-1, 1]; ours maps [0, 1] inside.
         model.set_input(
             {"A": sim01 * 2 - 1, "B": real01 * 2 - 1, "A_paths": paths, "B_paths": paths}
         )
         model.optimize_parameters()
+        return {
+            "g_loss": float(model.loss_G.detach()),
+            "d_loss": float(model.loss_D_A.detach() + model.loss_D_B.detach()),
+        }
 
     return step
+
+
+def loss_curves(
+    steps: dict[str, Callable[[torch.Tensor, torch.Tensor], dict[str, float]]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    iters: int,
+) -> dict[str, dict[str, list[float]]]:
+    """``g_loss`` and ``d_loss`` of each step function over the same ``iters`` batches
+    (``batches`` cycled), from freshly built models."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name, step in steps.items():
+        curve: dict[str, list[float]] = {"g_loss": [], "d_loss": []}
+        for i in range(iters):
+            for key, value in step(*batches[i % len(batches)]).items():
+                curve[key].append(value)
+        curves[name] = curve
+    return curves
+
+
+def trend_agreement(a: list[float], b: list[float], window: int = 5) -> dict[str, float]:
+    """How two loss curves agree in trend: the Pearson correlation of their moving
+    averages (``window`` iterations), and each curve's change from its first to its last
+    ``window`` iterations (relative to the first)."""
+    import numpy as np
+
+    def smooth(x: list[float]) -> np.ndarray:
+        return np.convolve(np.asarray(x, dtype=float), np.ones(window) / window, mode="valid")
+
+    sa, sb = smooth(a), smooth(b)
+    corr = float(np.corrcoef(sa, sb)[0, 1]) if len(sa) > 1 else float("nan")
+
+    def change(x: np.ndarray) -> float:
+        return float((x[-1] - x[0]) / abs(x[0])) if x[0] else float("nan")
+
+    return {"correlation": corr, "change_a": change(sa), "change_b": change(sb)}
+
+
+def smooth_images(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """``n`` image batches of smooth random colour fields in [0, 1] (noise at 1/8 of the
+    size, upsampled): a target a generator can learn within 50 iterations, unlike white
+    noise."""
+    gen = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    out = []
+    for _ in range(n):
+        low = torch.rand(b, c, max(1, h // 8), max(1, w // 8), generator=gen)
+        out.append(torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear"))
+    return out
 
 
 # --------------------------------------------------------------------------- timing
@@ -368,6 +459,10 @@ def _row(name: str, s: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def _form_name(form: str) -> str:
+    return f"ours_{form}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=["reference", "small", "both"], default="both")
@@ -383,6 +478,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lightning",
         action="store_true",
         help="also time training_step inside a pl.Trainer (its overhead)",
+    )
+    ap.add_argument(
+        "--forms",
+        nargs="+",
+        choices=list(FORMS),
+        default=list(DEFAULT_FORMS),
+        help="our training forms to time (the first is the base of each gain)",
+    )
+    ap.add_argument(
+        "--curve-iters",
+        type=int,
+        default=0,
+        help="also record both implementations' losses over this many iterations",
     )
     ap.add_argument("--translate-batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--translate-iters", type=int, default=5)
@@ -428,7 +536,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         ours = build_ours(cfg)
         params = {"ours": {"G": _n_params(ours.g_sim2real), "D": _n_params(ours.d_real)}}
-        steps = {"ours": our_trainer_free_step(ours)}
+        steps = {}
+        for form in args.forms:  # one model per form, all from the same initial weights
+            steps[_form_name(form)] = our_trainer_free_step(build_ours(cfg), *FORMS[form])
         if reference is not None:
             with tempfile.TemporaryDirectory() as ckpt:
                 theirs, note = build_reference(*reference, cfg, ckpt)
@@ -464,28 +574,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lt_wall, lt_cpu = time_lightning(cfg, sim01, real01, args.iters, args.warmup)
             lt = summarize(lt_wall, cfg["batch"], lt_cpu)
             train["ours_trainer"] = lt
-            overhead = lt["median_s"] / train["ours"]["median_s"] - 1
-            overhead_cpu = lt["cpu_median_s"] / train["ours"]["cpu_median_s"] - 1
+            plain = train[_form_name(args.forms[0])]
+            overhead = lt["median_s"] / plain["median_s"] - 1
+            overhead_cpu = lt["cpu_median_s"] / plain["cpu_median_s"] - 1
             lt |= {"overhead_vs_plain": overhead, "cpu_overhead_vs_plain": overhead_cpu}
             print(
                 _row("ours+pl", lt) + f"   (in pl.Trainer: {100 * overhead:+.1f}% wall, "
                 f"{100 * overhead_cpu:+.1f}% CPU vs plain loop; not interleaved)"
             )
-        if "junyanz" in train:
-            ours_s, theirs_s = train["ours"], train["junyanz"]
-            ratio = ours_s["median_s"] / theirs_s["median_s"]
-            ratios = {
-                "median": ratio,
-                "min": ours_s["min_s"] / theirs_s["min_s"],
-                "cpu_median": ours_s["cpu_median_s"] / theirs_s["cpu_median_s"],
-            }
-            train["ratio_ours_over_junyanz"] = ratios
-            verdict = "ours slower" if ratio > 1 else "ours faster"
-            print(
-                f"  ratio ours/junyanz: {ratio:.3f} by median wall s ({verdict}); "
-                f"{ratios['min']:.3f} by min, {ratios['cpu_median']:.3f} by median CPU s"
-            )
+        base = "junyanz" if "junyanz" in train else _form_name(args.forms[0])
+        speedups: dict[str, dict[str, float]] = {}
+        previous = None
+        for form in args.forms:  # each form against the reference, and each step's own gain
+            name = _form_name(form)
+            gain = {"vs_" + base: train[base]["median_s"] / train[name]["median_s"]}
+            if previous is not None:
+                gain["vs_" + previous] = train[previous]["median_s"] / train[name]["median_s"]
+            speedups[name] = gain
+            previous = name
+            steps_gain = "  ".join(f"{v:.2f}x {k[3:]}" for k, v in gain.items())
+            print(f"  speed-up {name:<22} {steps_gain}   (iterations/s, by median)")
+        train["speedups"] = speedups
         out["training"] = train
+
+        # --- loss curves: the fastest form against the reference; without one, the
+        # fastest reduced-precision form against fp32
+        fresh: dict[str, Callable[[torch.Tensor, torch.Tensor], dict[str, float]]] = {}
+        if args.curve_iters:
+            names = [_form_name(f) for f in args.forms]
+            if reference is None:
+                names = [n for n in names if n != "ours_fp32"]
+            if names:
+                fastest = min(names, key=lambda n: train[n]["median_s"])
+                form = fastest.removeprefix("ours_")
+                fresh[fastest] = our_trainer_free_step(build_ours(cfg), *FORMS[form])
+            if reference is not None:
+                with tempfile.TemporaryDirectory() as ckpt:
+                    theirs, _ = build_reference(*reference, cfg, ckpt)
+                fresh["junyanz"] = reference_step(theirs)
+            elif fresh:
+                fresh["ours_fp32"] = our_trainer_free_step(build_ours(cfg), *FORMS["fp32"])
+            if len(fresh) < 2:
+                print("loss curves: skipped (no reference and no reduced-precision form)")
+        if args.curve_iters and len(fresh) == 2:
+            shape = (cfg["batch"], 3, cfg["height"], cfg["width"])
+            sims, reals = smooth_images(8, shape, 1), smooth_images(8, shape, 2)
+            curves = loss_curves(fresh, list(zip(sims, reals, strict=True)), args.curve_iters)
+            a, b = list(curves)
+            print(f"loss curves over the same first {args.curve_iters} iterations: {a} vs {b}")
+            print(f"  {'iter':>4s} {a + ' g':>14s} {b + ' g':>14s} {a + ' d':>14s} {b + ' d':>14s}")
+            for i in sorted({*range(0, args.curve_iters, 10), args.curve_iters - 1}):
+                print(
+                    f"  {i:4d} {curves[a]['g_loss'][i]:14.3f} {curves[b]['g_loss'][i]:14.3f} "
+                    f"{curves[a]['d_loss'][i]:14.3f} {curves[b]['d_loss'][i]:14.3f}"
+                )
+            trend = {
+                key: trend_agreement(curves[a][key], curves[b][key]) for key in ("g_loss", "d_loss")
+            }
+            for key, t in trend.items():
+                print(
+                    f"  {key}: correlation of 5-iteration means {t['correlation']:.3f}; change "
+                    f"first to last {100 * t['change_a']:+.0f} % ({a}) and "
+                    f"{100 * t['change_b']:+.0f} % ({b})"
+                )
+            out["loss_curves"] = {"curves": curves, "trend": trend}
 
         # --- translation throughput
         print("translation: CycleGAN.translate (eval, no_grad)")

@@ -4,19 +4,24 @@
     python scripts/benchmark_training.py --model deeplab --device cuda
 
 Prints
-* training throughput (images/s) of the model: forward + backward + AdamW step;
+* training throughput (images/s) of the model, forward + backward + AdamW step, in fp32,
+  under bf16 autocast and bf16 with channels_last, side by side from the same weights;
 * the DataModule's throughput alone (images/s through the 90/10 sampler, augmentation
-  and collation), and its ratio to training -- it must stay >= 5x so data never limits;
+  and collation), and its ratio to the fastest training form -- it must stay >= 5x so
+  data never limits;
 * the cost of a self-training step (EMA teacher forward, ClassMix, the student on the
   mixed batch; with and without MIC) against a plain step at the same batch: issue 11
   asks for at most 2x;
-* inference latency at batch 1 (p50/p95/p99 ms), the input of risk T-06.
+* inference latency at batch 1 of eager, channels_last, TorchScript and bf16, measured
+  as the risk T-06 monitor does (``training.risk.latency``: warm-up, best of interleaved
+  rounds, pinned threads), with each form's speed-up over eager.
 The datasets are small procedural ones generated into a temporary folder (or --data).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import tempfile
@@ -33,6 +38,8 @@ from simulation.dataset import GeneratedDataset
 from training.augment import Augment
 from training.datamodule import SimRealDataModule
 from training.losses import SegmentationLoss
+from training.precision import cpu_bf16_support, resolve_precision
+from training.risk.latency import latency_report
 from training.stages.data import ensure_procedural_datasets
 
 CONFIGS = config_dir()
@@ -48,6 +55,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=None, help="folder for the benchmark datasets")
+    ap.add_argument(
+        "--latency-threads", type=int, default=1, help="torch threads for the latency figures"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -56,36 +66,43 @@ def main() -> None:
     model = instantiate(
         OmegaConf.load(CONFIGS / f"model/{args.model}.yaml"), num_classes=taxonomy.num_classes
     )
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"# {date.today()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {device}; {model.arch} ({n_params:,} parameters), "
         f"{args.height}x{args.width}, batch {args.batch_size}"
     )
+    support = cpu_bf16_support() if device.type == "cpu" else None
+    if support is not None:
+        units = ", ".join(support.units) or "none"
+        print(
+            f"# CPU bf16 units: {units}; trainer.precision=auto picks "
+            f"{resolve_precision('auto', 'cpu').precision}"
+        )
 
-    # --- training throughput
+    # --- training throughput: fp32, bf16 autocast, bf16 + channels_last; one fresh copy of
+    # the same initial weights each, side by side in this process
     loss_fn = SegmentationLoss(taxonomy.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch_size, 3, args.height, args.width, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(
         0, taxonomy.num_classes, (args.batch_size, args.height, args.width), device=device
     )
-    model.train()
-    times = []
-    for step in range(args.steps + 2):
-        _sync(device)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-        _sync(device)
-        if step >= 2:  # the first steps warm up allocators and kernels
-            times.append(time.perf_counter() - start)
-    train_ips = args.batch_size / statistics.median(times)
-    plain_step = statistics.median(times)
-    print(f"training      {train_ips:8.1f} images/s  ({plain_step:.3f} s/step)")
+    initial = copy.deepcopy(model.state_dict())
+    rates: dict[str, float] = {}
+    for name, bf16, channels_last in VARIANTS:
+        model.load_state_dict(initial)
+        step = _train_step_seconds(model, loss_fn, x, y, args.steps, device, bf16, channels_last)
+        rates[name] = args.batch_size / step
+        gain = rates[name] / rates["fp32"]
+        print(
+            f"training {name:<20} {rates[name]:8.1f} images/s  ({step:.3f} s/step, "
+            f"{gain:.2f}x fp32)"
+        )
+    model.load_state_dict(initial)
+    model = model.to(memory_format=torch.contiguous_format)  # fp32 below, as "plain"
+    plain_step = args.batch_size / rates["fp32"]
+    train_ips = max(rates.values())  # the data path must keep up with the fastest form
 
     # --- a self-training step at the same batch
     for mic in (0.0, 0.7):
@@ -124,23 +141,57 @@ def main() -> None:
         data_ips = n / (time.perf_counter() - start)
     ratio = data_ips / train_ips
     verdict = "ok" if ratio >= 5 else "DATA-BOUND: below the 5x target"
-    print(f"data path     {data_ips:8.1f} images/s  ({ratio:.1f}x training: {verdict})")
+    print(
+        f"data path     {data_ips:8.1f} images/s  ({ratio:.1f}x the fastest training form: "
+        f"{verdict})"
+    )
 
-    # --- inference latency, batch 1
-    model.eval()
-    one = torch.rand(1, 3, args.height, args.width, device=device)
-    one = one.contiguous(memory_format=torch.channels_last)
-    lat = []
-    with torch.inference_mode():
-        for i in range(60):
-            _sync(device)
-            start = time.perf_counter()
-            model(one)
-            _sync(device)
-            if i >= 10:
-                lat.append(1000 * (time.perf_counter() - start))
-    q = statistics.quantiles(lat, n=100)
-    print(f"latency b=1   p50 {q[49]:.1f} ms  p95 {q[94]:.1f} ms  p99 {q[98]:.1f} ms")
+    # --- inference latency, batch 1: the T-06 monitor's own measurement
+    report = latency_report(
+        model.eval(), args.height, args.width, kinds=LATENCY_KINDS, threads=args.latency_threads
+    )
+    print(f"latency b=1, {report.method}")
+    for kind, result in report.results.items():
+        if result.stats is None:
+            print(f"  {kind:<14} {result.status}: {result.reason}")
+            continue
+        st, agree = result.stats, result.agreement.get("pixel_agreement", float("nan"))
+        print(
+            f"  {kind:<14} p50 {st.p50_ms:6.1f} ms  p95 {st.p95_ms:6.1f} ms  "
+            f"{report.speedup(kind):.2f}x eager  agreement {agree:.4f}"
+        )
+
+
+#: The inference forms timed at batch 1 (``training.risk.latency``).
+LATENCY_KINDS = ("eager", "channels_last", "torchscript", "bf16")
+#: (name, bf16 autocast, channels_last memory format)
+VARIANTS = (
+    ("fp32", False, False),
+    ("bf16", True, False),
+    ("bf16+channels_last", True, True),
+)
+
+
+def _train_step_seconds(model, loss_fn, x, y, steps, device, bf16, channels_last) -> float:
+    """Median seconds of forward + backward + AdamW step (after two warm-up steps)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    times = []
+    for step in range(steps + 2):
+        _sync(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if step >= 2:  # the first steps warm up allocators and kernels
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _self_training_step(model, loss_fn, x, y, steps, device, mic_ratio) -> float:

@@ -226,6 +226,10 @@ def check_binds(node: dict[str, Any], runtime: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("group", "primary", "overrides"), list(options()))
 def test_every_group_option_composes_and_builds(group, primary, overrides, tmp_path):
     cfg = compose_config(primary, overrides)
+    if "trainer" in cfg:  # as the run does before it builds the trainer
+        from training.precision import apply_precision
+
+        apply_precision(cfg.trainer)
     built = Built(cfg, tmp_path)
     nodes = list(target_nodes(OmegaConf.to_container(cfg, resolve=False)))
     nodes.sort(key=lambda item: item[0] not in FIRST)  # stable: otherwise in config order

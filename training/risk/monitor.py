@@ -10,7 +10,9 @@ into the register's figures, named ``risk/<ID>/<metric>``:
   the predicted class mix;
 * T-04 GPU utilisation and memory (reported as not available without a GPU, never 0);
 * T-05 the job's status (1 = failed);
-* T-06 batch-1 inference latency, eager and optimized, with the agreement they keep;
+* T-06 batch-1 inference latency, eager and optimized, with the agreement they keep
+  (:func:`latency_figures`, beside :func:`assess`: it also gives tags saying how the
+  figures were taken);
 * T-08 fairness across condition groups (demographic parity, equal opportunity);
 * T-09 the sim-to-real gap, with the source_only / oracle references when known;
 * T-10 frames dropped by sensor-noise screening;
@@ -121,7 +123,7 @@ def assess(
         cost_tracker: a :class:`~training.risk.cost.CostTracker`, or None to skip O-01.
         run_id: the stage's MLflow run (the cost ledger's key).
     """
-    from training.risk import fairness, latency
+    from training.risk import fairness
 
     m = evidence.test_metrics
     out: dict[str, float] = {"risk/T-05/job_failed": 0.0}
@@ -151,17 +153,6 @@ def assess(
                 int(settings.get("drift_samples", 128)),
             )
         )
-    if evidence.model is not None and settings.get("latency_kinds"):
-        h, w = evidence.current[0]["image"].shape[-2:] if evidence.current else (128, 256)
-        report = latency.latency_report(
-            evidence.model,
-            int(h),
-            int(w),
-            kinds=list(settings["latency_kinds"]),
-            runs=int(settings.get("latency_runs", 30)),
-            warmup=5,
-        )
-        out.update(report.metrics(prefix="risk/T-06/"))
     if cost_tracker is not None:
         from training.risk.cost import device_hours
 
@@ -173,6 +164,31 @@ def assess(
         out.update(cost_tracker.metrics(run_id=run_id or evidence.stage, prefix="risk/O-01/"))
     out.update(evidence.extra)
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+def latency_figures(
+    model: Any, height: int, width: int, settings: Mapping[str, Any]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """T-06: ``risk/T-06/*`` metrics and tags of ``model`` at batch 1, taken as
+    :mod:`training.risk.latency` describes (warm-up, interleaved rounds, best round,
+    pinned threads). ``settings`` is the ``risk`` block (``latency_*`` keys); no kinds,
+    no figures."""
+    from training.risk import latency
+
+    if model is None or not settings.get("latency_kinds"):
+        return {}, {}
+    threads = settings.get("latency_threads")
+    report = latency.latency_report(
+        model,
+        int(height),
+        int(width),
+        kinds=list(settings["latency_kinds"]),
+        runs=int(settings.get("latency_runs", 20)),
+        warmup=int(settings.get("latency_warmup", 20)),
+        rounds=int(settings.get("latency_rounds", 3)),
+        threads=None if threads is None else int(threads),
+    )
+    return report.metrics(prefix="risk/T-06/"), report.tags(prefix="risk/T-06/")
 
 
 def publish(

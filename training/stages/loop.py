@@ -27,6 +27,7 @@ from typing import Any
 
 from core.config import ConfigError, instantiate_checked, plain
 from core.hashing import file_sha256
+from training.precision import apply_precision
 from training.stages.data import (
     Screening,
     build_datasets,
@@ -54,6 +55,7 @@ def check_config(cfg: Any) -> Plan:
     from omegaconf import OmegaConf
 
     OmegaConf.resolve(cfg)
+    precision = apply_precision(cfg.trainer)  # before any stage hash: it changes results
     taxonomy = instantiate_checked(cfg.taxonomy)
     try:  # a model that cannot be built stops the run before any data is made
         instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
@@ -62,7 +64,9 @@ def check_config(cfg: Any) -> Plan:
     except Exception as exc:  # Hydra wraps the model's own error: show that one
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         raise ConfigError(f"model ({cfg.model.get('_target_')}): {cause}") from None
-    return make_plan(cfg, tuple(taxonomy.classes))
+    plan = make_plan(cfg, tuple(taxonomy.classes))
+    plan.precision_requested = precision.requested
+    return plan
 
 
 def run_train(
@@ -110,7 +114,7 @@ def _run(
     tracking = tracking_spec(cfg.tracking, output)
     world, is_zero = world_size(cfg.trainer), rank_zero_only.rank == 0
     risk = plain(cfg.risk) if cfg.risk.enabled else None
-    recipe = make_recipe(cfg, risk, output)
+    recipe = make_recipe(cfg, risk, output, plan.precision_requested)
     store = StageStore(
         output,
         tracking,
@@ -306,7 +310,9 @@ def _generation_lock(root: Path, world: int) -> Any:
     return exclusive(root / ".generation.lock", "the datasets")
 
 
-def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recipe:
+def make_recipe(
+    cfg: Any, risk: Mapping[str, Any] | None, output: Path, precision_requested: str = ""
+) -> Recipe:
     from training import tracking
 
     registry = None
@@ -331,6 +337,7 @@ def make_recipe(cfg: Any, risk: Mapping[str, Any] | None, output: Path) -> Recip
         registry=registry,
         config=tracking.redact(plain(cfg)),
         output=output,
+        precision_requested=precision_requested,
     )
 
 

@@ -92,7 +92,7 @@ def assess_risk(
         screening, references: T-10 figures; T-09's reference mIoUs.
     """
     from training.risk.cost import CostTracker
-    from training.risk.monitor import StageEvidence, assess
+    from training.risk.monitor import StageEvidence, assess, latency_figures
 
     extra = dict(screening or {})
     tags: dict[str, str] = {}
@@ -120,6 +120,10 @@ def assess_risk(
     )
     settings = {**dict(risk), "references": dict(references or {})}
     figures = assess(evidence, settings, cost_tracker=cost, run_id=run_id)
+    height, width = current[0]["image"].shape[-2:] if current else (128, 256)
+    latency, latency_tags = latency_figures(task.model, height, width, risk)
+    figures.update(latency)
+    tags.update(latency_tags)
     publish_risk(client, run_id, label, run_dir, figures, tags, risk, context=metrics)
     return figures
 

@@ -59,6 +59,8 @@ class Plan:
     run: RunValues
     #: stage -> {pixel component: the key of the datasets it gives that stage}
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: ``trainer.precision`` as configured (``auto``) before it was resolved in place
+    precision_requested: str = ""
 
     def objectives_for(self, stage: str) -> list[Component]:
         return [c for c in self.task if stage in c.stages]

@@ -72,6 +72,8 @@ class Recipe:
         registry: the resolved ``registry`` settings when models are registered, else None.
         config: the resolved, redacted config logged with every new stage run.
         output: ``paths.output``.
+        precision_requested: ``trainer.precision`` as configured (``auto``), logged as
+            ``trainer.precision_requested`` beside the resolved ``trainer.precision``.
     """
 
     seed: int
@@ -88,6 +90,7 @@ class Recipe:
     registry: Mapping[str, Any] | None
     config: Mapping[str, Any]
     output: Path
+    precision_requested: str = ""
 
 
 def condition_groups(datasets: Any) -> list[str]:
@@ -265,7 +268,11 @@ def _describe(
 
     if not run.store.is_zero:
         return
-    run.log_params({**recipe.config, "stage": {"name": spec.name, **dm.describe()}})
+    trainer = {**(recipe.config.get("trainer") or {})}
+    if recipe.precision_requested:
+        trainer["precision_requested"] = recipe.precision_requested
+    stage = {"name": spec.name, **dm.describe()}
+    run.log_params({**recipe.config, "trainer": trainer, "stage": stage})
     config_file = run.run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(recipe.config))))
     run.log_artifact(config_file)
