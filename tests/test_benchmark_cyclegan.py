@@ -86,3 +86,17 @@ def test_trend_agreement_of_two_falling_curves_and_of_opposite_ones():
     assert same["change_a"] < 0
     opposite = trend_agreement(falling, falling[::-1], window=2)
     assert opposite["correlation"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("layout", ["missing", "other"])
+def test_a_reference_checkout_that_is_missing_or_of_another_layout_names_the_path(tmp_path, layout):
+    from scripts.benchmark_cyclegan import load_reference
+
+    repo = tmp_path / "checkout"
+    if layout == "other":
+        (repo / "models").mkdir(parents=True)
+        (repo / "models" / "networks.py").write_text("# not the CycleGAN repository\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"--reference-repo .*checkout: no models/cycle_gan_model.py"
+    ):
+        load_reference(repo)

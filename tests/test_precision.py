@@ -83,6 +83,20 @@ def test_the_stage_hash_follows_the_resolved_precision(monkeypatch):
     assert digests["auto"] != digests["32-true"]
 
 
+def test_the_pipelines_check_leaves_auto_for_each_run_to_resolve_and_log():
+    """``scripts/pipeline.py`` checks every method before any work; that check must not
+    resolve the configs it runs later, or each run would log ``precision_requested`` as
+    the resolved value instead of ``auto``."""
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONFIGS
+    from training.pipeline import compose_methods
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        configs = compose_methods(["none"], ["experiment=smoke"])
+    assert configs["none"].trainer.precision == "auto"
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     assert torch.isfinite(a) and torch.isfinite(b)
     assert abs(float(a) - float(b)) <= rel * abs(float(b)), (float(a), float(b))

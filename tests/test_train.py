@@ -94,6 +94,8 @@ def test_mlflow_holds_runs_metrics_and_artifacts(smoke_run):
     params = run.data.params
     assert params["stages.finetune.sim_ratio"] == "0.9"
     assert params["stage.num_real_labelled"] == "19"  # round(192 * 0.1)
+    assert params["trainer.precision_requested"] == "auto"  # the CPU default, then its choice
+    assert params["trainer.precision"] in ("bf16-mixed", "32-true")
     assert run.data.tags["experiment"] == "smoke" and len(run.data.tags["config_hash"]) == 12
     assert run.data.tags["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

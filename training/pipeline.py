@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
@@ -64,7 +65,7 @@ def compose_methods(methods: Any, overrides: list[str]) -> dict[str, Any]:
                 f"methods: unknown adaptation method {method!r}; expected one of the configs "
                 f"in configs/adaptation/ ({', '.join(_adaptation_configs(config_dir()))})"
             ) from None
-        check_config(cfg)
+        check_config(copy.deepcopy(cfg))  # run_train resolves (and checks) its own copy
         configs[str(method)] = cfg
     return configs
 
