@@ -92,6 +92,8 @@ def test_rules_are_the_documents_alert_table(rules):
         ("推論レイテンシ超過", "risk/T-06/latency_p95_ms", ">", 100.0, ("slack",), "realtime"),
         ("コスト超過", "risk/O-01/daily_cost_ratio", ">", 1.2, ("email",), "daily"),
         ("学習ジョブ失敗", "risk/T-05/job_failed", ">=", 1.0, ("slack", "email"), "realtime"),
+        # not in the document's table: the project's S-05 rule (issue 14)
+        ("敵対的頑健性の低下", "risk/S-05/max_drop_share", ">", 0.5, ("slack",), "realtime"),
     }
 
 
@@ -157,6 +159,8 @@ def test_other_config_errors(raw, tmp_path):
 
 # (metric, value, fires) around every threshold of the document, both sides and equality.
 AROUND = [
+    ("risk/S-05/max_drop_share", 0.51, True),
+    ("risk/S-05/max_drop_share", 0.5, False),
     ("risk/T-01/accuracy", 0.849, True),
     ("risk/T-01/accuracy", 0.85, False),  # "< 85%": exactly 85% is fine
     ("risk/T-01/accuracy", 0.851, False),
@@ -466,7 +470,7 @@ def test_from_config_accepts_omegaconf(tmp_path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ALERTS)
-    assert len(rules_from_config(cfg)) == 7
+    assert len(rules_from_config(cfg)) == 8  # the 7 of section 5.2 and the S-05 rule
     assert isinstance(AlertManager.from_config(cfg, tmp_path), AlertManager)
 
 

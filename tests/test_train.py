@@ -344,8 +344,15 @@ def test_risk_register_is_assessed_and_published(smoke_run):
         "risk/T-09/gap_miou",
         "risk/T-10/sim_train/dropped",
         "risk/O-01/daily_cost_ratio",
+        "risk/S-05/clean_miou",
+        "risk/S-05/fgsm_eps4/drop",
+        "risk/S-05/pgd_eps4/miou",
+        "risk/S-05/fog_s3/miou",
+        "risk/S-05/max_drop_share",
     ):
         assert key in m, key
+    assert m["risk/S-05/max_drop"] >= m["risk/S-05/pgd_eps4/drop"]
+    assert run.data.tags["risk/T-06/method"].startswith("best of 3 interleaved rounds")
     assert m["risk/T-01/accuracy"] == pytest.approx(res.metrics["test/real/pixel_acc"])
     assert m["risk/T-09/gap_miou"] == pytest.approx(res.metrics["test/gap/miou"])
     assert m["risk/T-09/source_only_real_miou"] == pytest.approx(
@@ -359,6 +366,8 @@ def test_risk_register_is_assessed_and_published(smoke_run):
     assert arts == {"risk/register.json", "risk/alerts.json", "risk/risk_dashboard.html"}
     page = (res.run_dir / "risk_dashboard.html").read_text()
     assert "T-01 accuracy on real data" in page and "モデル精度低下" in page
+    assert "S-05 real mIoU under attack / corruption" in page
+    assert "risk/T-06/method: best of 3" in page  # how the latency figures were taken
     alerts = [json.loads(line) for line in (res.run_dir / "alerts.jsonl").read_text().splitlines()]
     assert any(a["risk_id"] == "T-01" and a["fired"] for a in alerts)
     local = client.download_artifacts(res.run_id, "risk/register.json", str(tmp))

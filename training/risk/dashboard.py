@@ -1,6 +1,6 @@
 """A self-contained HTML risk dashboard, in the spirit of the register's monitoring
-dashboard (section 5.1): accuracy, drift (PSI), GPU, latency, error rate and cost, plus
-the register with each risk's live status and the alerts that fired.
+dashboard (section 5.1): accuracy, drift (PSI), GPU, latency, robustness (S-05), error rate
+and cost, plus the register with each risk's live status and the alerts that fired.
 
 One file, PNG plots embedded as base64, no scripts and no network: it opens from an
 MLflow artifact view or a mail attachment alike.
@@ -87,6 +87,12 @@ def render_dashboard(
     lat = _pick(metrics, "risk/T-06/", "_ms")
     if lat:
         panels.append(_bar_panel("T-06 inference latency, batch 1", lat, 100.0, "ms"))
+    robust = _pick(metrics, "risk/S-05/", "/miou")
+    if robust:
+        clean = metrics.get("risk/S-05/clean_miou", math.nan)
+        line = 0.5 * clean if math.isfinite(clean) else None  # the alert: over half lost
+        title = f"S-05 real mIoU under attack / corruption (clean {clean:.3f})"
+        panels.append(_bar_panel(title, robust, line, "mIoU", True))
     err = {g: 1.0 - v for g, v in _pick(metrics, "test/real/", "/pixel_acc").items() if g}
     if err:
         panels.append(_bar_panel("Error rate by condition (1 - pixel acc)", err, 0.15))

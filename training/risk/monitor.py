@@ -10,6 +10,8 @@ into the register's figures, named ``risk/<ID>/<metric>``:
   the predicted class mix;
 * T-04 GPU utilisation and memory (reported as not available without a GPU, never 0);
 * T-05 the job's status (1 = failed);
+* S-05 mIoU under FGSM, PGD and common corruptions, with the drop from clean
+  (:func:`robustness_figures`);
 * T-06 batch-1 inference latency, eager and optimized, with the agreement they keep
   (:func:`latency_figures`, beside :func:`assess`: it also gives tags saying how the
   figures were taken);
@@ -189,6 +191,30 @@ def latency_figures(
         threads=None if threads is None else int(threads),
     )
     return report.metrics(prefix="risk/T-06/"), report.tags(prefix="risk/T-06/")
+
+
+def robustness_figures(
+    model: Any, dataset: Any, class_names: Sequence[str], settings: Mapping[str, Any]
+) -> dict[str, float]:
+    """S-05: ``risk/S-05/*`` figures of ``model`` on ``risk.robustness.frames`` labelled
+    frames of ``dataset`` (the real test set; a seeded sample), under the attacks and
+    corruptions of :mod:`training.risk.robustness`. Off (``frames: 0``), without a model
+    or without labelled frames: no figures."""
+    from training.risk import robustness
+
+    options = robustness.settings_from(settings)
+    if options is None or model is None or dataset is None or len(dataset) == 0:
+        return {}
+    frames = int(options.pop("frames"))
+    rng = np.random.default_rng(0)
+    idx = sorted(rng.choice(len(dataset), size=min(frames, len(dataset)), replace=False))
+    samples = [dataset[int(i)] for i in idx]
+    if any("mask" not in s for s in samples):
+        return {}
+    device = next(model.parameters()).device
+    images = torch.stack([s["image"] for s in samples]).to(device)
+    labels = torch.stack([torch.as_tensor(s["mask"]).long() for s in samples]).to(device)
+    return robustness.robustness_figures(model, images, labels, class_names, **options)
 
 
 def publish(

@@ -56,6 +56,10 @@ def check_config(cfg: Any) -> Plan:
 
     OmegaConf.resolve(cfg)
     precision = apply_precision(cfg.trainer)  # before any stage hash: it changes results
+    if cfg.get("risk") and cfg.risk.get("enabled"):
+        from training.risk.robustness import settings_from
+
+        settings_from(plain(cfg.risk))  # S-05 settings: a bad key stops the run here
     taxonomy = instantiate_checked(cfg.taxonomy)
     try:  # a model that cannot be built stops the run before any data is made
         instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)

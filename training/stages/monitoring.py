@@ -92,7 +92,12 @@ def assess_risk(
         screening, references: T-10 figures; T-09's reference mIoUs.
     """
     from training.risk.cost import CostTracker
-    from training.risk.monitor import StageEvidence, assess, latency_figures
+    from training.risk.monitor import (
+        StageEvidence,
+        assess,
+        latency_figures,
+        robustness_figures,
+    )
 
     extra = dict(screening or {})
     tags: dict[str, str] = {}
@@ -123,6 +128,7 @@ def assess_risk(
     height, width = current[0]["image"].shape[-2:] if current else (128, 256)
     latency, latency_tags = latency_figures(task.model, height, width, risk)
     figures.update(latency)
+    figures.update(robustness_figures(task.model, current, task.class_names, risk))
     tags.update(latency_tags)
     publish_risk(client, run_id, label, run_dir, figures, tags, risk, context=metrics)
     return figures
