@@ -162,6 +162,8 @@ class SegmentationMetrics(nn.Module):
             turn off in hot loops once the pipeline is known to be right.
         labelled: the classes the evaluated data labels (see :func:`summarize_confusion`);
             None: all.
+        sync: sum the matrix over DDP ranks on :meth:`confusion` (a collective); False for
+            figures one rank computes alone (the risk monitors run on rank zero only).
 
     Example:
         >>> m = SegmentationMetrics(2, ["road", "sky"])
@@ -177,6 +179,7 @@ class SegmentationMetrics(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         validate_args: bool = True,
         labelled: Sequence[int] | None = None,
+        sync: bool = True,
     ) -> None:
         super().__init__()
         class_names = tuple(str(n) for n in class_names)
@@ -204,7 +207,7 @@ class SegmentationMetrics(nn.Module):
         # torchmetrics' own validation only counts unique values (an out-of-range label would
         # silently land in another cell); ours checks ranges, so its (torch.unique) is skipped.
         self.confmat = MulticlassConfusionMatrix(
-            num_classes, ignore_index=ignore_index, validate_args=False
+            num_classes, ignore_index=ignore_index, validate_args=False, sync_on_compute=sync
         )
 
     def to_labels(self, preds: Tensor, target: Tensor) -> Tensor:

@@ -60,10 +60,15 @@ class StageEvidence:
     extra: dict[str, float] = field(default_factory=dict)  # e.g. screening, GPU figures
 
 
-def _sample_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def _sample(dataset: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to ``n`` samples of ``dataset``, a seeded choice in index order."""
     rng = np.random.default_rng(seed)
     idx = sorted(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False).tolist())
-    samples = [dataset[i] for i in idx]
+    return [dataset[i] for i in idx]
+
+
+def _sample_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    samples = _sample(dataset, n, seed)
     return torch.stack([s["image"] for s in samples]), [str(s.get("group", "")) for s in samples]
 
 
@@ -205,10 +210,7 @@ def robustness_figures(
     options = robustness.settings_from(settings)
     if options is None or model is None or dataset is None or len(dataset) == 0:
         return {}
-    frames = int(options.pop("frames"))
-    rng = np.random.default_rng(0)
-    idx = sorted(rng.choice(len(dataset), size=min(frames, len(dataset)), replace=False))
-    samples = [dataset[int(i)] for i in idx]
+    samples = _sample(dataset, int(options.pop("frames")), seed=0)
     if any("mask" not in s for s in samples):
         return {}
     device = next(model.parameters()).device

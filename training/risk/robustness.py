@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
+from training.metrics import IGNORE_INDEX
 
 
 def _loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
@@ -154,19 +154,15 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
 def _miou(
     model: nn.Module, images: Tensor, labels: Tensor, class_names: Sequence[str], batch: int
 ) -> float:
-    """mIoU from a local confusion matrix: no torchmetrics object, whose ``compute`` would
-    wait for the other DDP ranks while only rank zero assesses the stage."""
-    from training.metrics import nanmean, per_class_scores
+    from training.metrics import SegmentationMetrics
 
-    c = len(class_names)
-    confusion = torch.zeros(c * c, dtype=torch.int64)
+    # rank zero alone assesses a stage: a synced compute would wait for the other DDP ranks
+    metrics = SegmentationMetrics(len(class_names), list(class_names), sync=False)
+    metrics = metrics.to(images.device)
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            pred = model(images[i : i + batch]).argmax(1).flatten().cpu()
-            truth = labels[i : i + batch].flatten().cpu()
-            keep = truth != IGNORE_INDEX
-            confusion += torch.bincount(truth[keep] * c + pred[keep], minlength=c * c)
-    return nanmean(per_class_scores(confusion.view(c, c))["iou"])
+            metrics.update(model(images[i : i + batch]).argmax(1), labels[i : i + batch])
+    return float(metrics.compute()["miou"])
 
 
 def robustness_figures(
