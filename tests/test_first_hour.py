@@ -33,7 +33,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("script", ["scripts.train", "scripts.pipeline", "scripts.monitor"])
+@pytest.mark.parametrize(
+    "script", ["scripts.train", "scripts.pipeline", "scripts.monitor", "scripts.report"]
+)
 def test_telemetry_switch_is_set_in_a_run_environment(script):
     out = subprocess.run(
         [sys.executable, "-c", PROBE, script],

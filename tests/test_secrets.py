@@ -146,7 +146,8 @@ def test_the_callback_checks_the_value_its_interpolation_and_every_override(tmp_
 
 
 def test_every_script_with_tracking_registers_the_callback():
-    for name, overrides in (("train", []), ("pipeline", []), ("monitor", ["current.root=x"])):
+    scripts = (("train", []), ("pipeline", []), ("monitor", ["current.root=x"]), ("report", []))
+    for name, overrides in scripts:
         cfg = compose_config(name, overrides, return_hydra_config=True)
         targets = [c._target_ for c in cfg.hydra.callbacks.values()]
         assert targets[0] == "training.tracking_server.TrackingChecks", (name, targets)
