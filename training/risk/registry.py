@@ -69,8 +69,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.metrics import IGNORE_INDEX, SegmentationMetrics
-
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 #: Registered-model tag holding the champion history (JSON list, oldest first).
@@ -254,6 +252,8 @@ def per_image_scores(
     with contextlib.suppress(NotImplementedError):
         model.eval()
     model.to(device)
+    from training.metrics import IGNORE_INDEX, SegmentationMetrics  # torchmetrics: seconds
+
     scores = SegmentationMetrics(num_classes, [f"c{i}" for i in range(num_classes)], IGNORE_INDEX)
     scores.to(device)
     out: list[float] = []
@@ -694,6 +694,29 @@ class ModelRegistry:
             )
         self._append_history(challenger, champion, reason)
         return True
+
+    def withdraw(self, version: str, decision: str, reason: str) -> list[str]:
+        """Take ``version`` out of service: tag it ``decision`` (``rejected``,
+        ``not_deployable``), ``decision_at`` and ``decision_reason``, and remove every alias
+        that points at it. A champion withdrawn this way is also dropped from the champion
+        history, so a later :meth:`rollback` never lands on it (only a champion nothing was
+        promoted over yet, i.e. the first version, can be withdrawn). The version keeps its
+        artifacts. Returns the aliases removed."""
+        version = str(version)
+        aliases = self.aliases()
+        held = sorted(alias for alias, v in aliases.items() if v == version)
+        history = self.history()
+        if CHAMPION in held and len(history) > 1:
+            raise RegistryError(
+                f"withdraw: version {version} of '{self.name}' is the champion with a "
+                "predecessor; roll back instead"
+            )
+        self._tag(version, {"decision": decision, "decision_at": _now(), "decision_reason": reason})
+        for alias in held:
+            self.client.delete_registered_model_alias(self.name, alias)
+        if CHAMPION in held:
+            self._write_history([h for h in history if h["version"] != version])
+        return held
 
     def rollback(self, reason: str = "manual rollback") -> str:
         """Move ``champion`` back to the previous champion in one call; return its version.
