@@ -67,6 +67,9 @@ class StageRun(Protocol):
     def fit(self, module: Any, *, callbacks: Sequence[Any] = (), **kwargs: Any) -> Any:
         """Fit ``module`` (resuming from the folder's last checkpoint, with retries)."""
 
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint :meth:`fit` resumes from (``last.ckpt`` or a newer SLURM one)."""
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened, redacted) parameters of a new run."""
 

@@ -1,4 +1,9 @@
-"""The whole study in one command: every adaptation method's pipeline; see configs/pipeline.yaml."""
+"""The whole study in one command: every adaptation method's pipeline; see configs/pipeline.yaml.
+
+Exit status as scripts/train.py's: 0 done; 75 (``training.preemption.EXIT_PREEMPTED``)
+stopped by SIGTERM during training, checkpoint saved, the study run ``KILLED``: rerun the
+same command to resume; 1 an error; 143 a SIGTERM outside training (resumes too).
+"""
 
 from __future__ import annotations
 

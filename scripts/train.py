@@ -1,4 +1,9 @@
-"""Train, fine-tune and evaluate on sim/real data; see configs/train.yaml."""
+"""Train, fine-tune and evaluate on sim/real data; see configs/train.yaml.
+
+Exit status: 0 done; 75 (``training.preemption.EXIT_PREEMPTED``) stopped by SIGTERM during
+training (spot reclaim, SLURM preemption) with the stage's checkpoint saved: rerun the
+same command to resume; 1 an error; 143 a SIGTERM outside training (resumes too).
+"""
 
 from __future__ import annotations
 

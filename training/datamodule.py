@@ -365,7 +365,17 @@ class SimRealDataModule(pl.LightningDataModule):
             yield_epoch=self.augment is not None,
             **self._group_weights(),
             keys=self.keys,
+            start=self._batches_done,
         )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch that Lightning counts as done when the
+        epoch's batches are first drawn: 0, or those before a mid-epoch checkpoint (a
+        preempted fit) that the resumed fit must not draw again."""
+        trainer = self.trainer
+        if trainer is None or not getattr(trainer, "training", False):
+            return 0  # iterated outside a fit (a test, a check)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _group_weights(self) -> dict[str, Any]:
         """Per-image sampling weights: condition groups balanced (risk T-08), from the

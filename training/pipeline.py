@@ -111,7 +111,9 @@ def run_pipeline(cfg: Any, overrides: list[str]) -> tuple[dict[str, dict[str, An
                 method_cfg, parent_run_id=study.run_id, label=f"pipeline-{method}"
             )
     except BaseException as exc:
-        study.fail(exc)
+        from training.preemption import end_parent
+
+        end_parent(study, exc)  # preempted: KILLED, to be resumed; else failed
         raise
     table = summary_table(by_method)
     flat = {

@@ -297,6 +297,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         real_weights: np.ndarray | None = None,
         *,
         keys: Mapping[str, str] | None = None,
+        start: Callable[[], int] | None = None,
     ) -> None:
         key = _key_namer(keys)
         self.n_sim, self.n_real = batch_composition(batch_size, sim_ratio, keys=keys)
@@ -330,6 +331,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
             )
         self.yield_epoch = bool(yield_epoch)
         self.epoch = 0
+        self.start = start
         self.sim_weights = _check_weights(sim_weights, self.num_sim, "sim")
         self.real_weights = _check_weights(real_weights, self.num_real, "real")
 
@@ -394,8 +396,10 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         epoch = self.epoch  # read once: a set_epoch during iteration must not mix epochs
+        # a fit resumed mid-epoch goes on with the batches after the ones it trained on
+        skip = int(self.start()) if self.start is not None else 0
         sim, real = self._streams(epoch)
-        for g in range(self.rank, self._num_global, self.world_size):
+        for g in range(self.rank + skip * self.world_size, self._num_global, self.world_size):
             batch = self._batch(g, sim, real, epoch)
             yield [(epoch, i) for i in batch] if self.yield_epoch else batch
 

@@ -478,13 +478,18 @@ class CycleGANTranslation(PixelAdaptation):
         sample_real = torch.stack([real[i]["image"] for i in range(n_show)])
         with env.open("cyclegan", digest) as stage:
             pairs = UnpairedImages(sim, real, seed=run.seed)
-            last = stage.checkpoint_dir / "last.ckpt"
             size = self.batch_size
+
+            def resumed_from() -> Path:  # the store's choice: last.ckpt or a newer SLURM one
+                return stage.resume_checkpoint() or stage.checkpoint_dir / "last.ckpt"
+
             loader = torch.utils.data.DataLoader(
                 pairs,
                 batch_size=size,
                 # from the batch the last checkpoint ends at, on resume and on every retry
-                sampler=StepSampler(len(pairs), run.seed, start=lambda: batches_done(last) * size),
+                sampler=StepSampler(
+                    len(pairs), run.seed, start=lambda: batches_done(resumed_from()) * size
+                ),
                 drop_last=True,
                 num_workers=env.num_workers,
             )

@@ -8,12 +8,18 @@ decides its result (:mod:`core.hashing`), and goes through the same steps:
    sweep, its run is tagged for the sweep that reused it);
 2. **open** the MLflow run: the same run when the folder holds its id (a resumed stage),
    else a new one, tagged and nested under the pipeline's parent run;
-3. **fit** with Lightning from the folder's ``checkpoints/last.ckpt`` when there is one,
+3. **fit** with Lightning from the folder's ``checkpoints/last.ckpt`` when there is one
+   (or a newer SLURM requeue checkpoint, :func:`training.preemption.resume_checkpoint`),
    retried from the last checkpoint after a transient failure (risk T-05), the training
    seconds of every session added up (O-01);
 4. **finish**: ``done.json`` written atomically with what the stage produced; any error
    before that marks the run failed (tag, the ``on_failure`` hook, ``FAILED``) and is
    raised again.
+
+A SIGTERM while Lightning fits or tests (spot reclaim, SLURM preemption) is no failure:
+the fit saves ``checkpoints/last.ckpt`` where it stopped, the run is tagged
+``preempted_<n>`` and ended ``KILLED``, and :class:`training.preemption.Preempted` (exit
+status 75) is raised instead; the rerun reopens the run (``RUNNING``) and resumes.
 
 Under DDP every rank trains; only rank zero writes the folder's files and logs.
 """
@@ -31,6 +37,7 @@ from typing import Any
 
 from core.config import ConfigError
 from core.files import atomic_write_json, atomic_write_text
+from training import preemption
 from training.stages.specs import TrackingSpec
 from training.tracking import redact_uri
 
@@ -83,6 +90,8 @@ class StageRun:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.wall_seconds = 0.0
         self.trainer: Any = None
+        #: the checkpoint the last fit saved on SIGTERM (:mod:`training.preemption`)
+        self.guard: Any = None
 
     @property
     def client(self) -> Any:
@@ -99,6 +108,11 @@ class StageRun:
         if self.store.is_zero:
             self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint :meth:`fit` resumes from: the newer of ``checkpoints/last.ckpt``
+        and a SLURM requeue's ``hpc_ckpt_<n>.ckpt``, or None."""
+        return preemption.resume_checkpoint(self.run_dir)
+
     def fit(
         self,
         module: Any,
@@ -112,17 +126,27 @@ class StageRun:
         transient failure (:func:`is_transient`) is retried from the last checkpoint up to
         the store's ``retries``. Returns the trainer."""
         store = self.store
-        last = self.checkpoint_dir / "last.ckpt"
         started = time.perf_counter()
         # no layer table per stage unless the trainer config asks for one (a config of an
         # earlier run, as the monitor's retraining reads, may not say)
         if "enable_model_summary" not in getattr(store.make_trainer, "keywords", {}):
             trainer_kwargs.setdefault("enable_model_summary", False)
+        if store.is_zero:
+            preemption.remove_partial(self.checkpoint_dir)  # a save killed half-way
         try:
             for attempt in range(store.retries + 1):
+                resume = self.resume_checkpoint()
+                if resume is not None and store.is_zero:
+                    where = preemption.checkpoint_position(resume)
+                    log.info(
+                        "%s: resuming from %s",
+                        self.kind,
+                        preemption.describe(resume, where, self.run_dir),
+                    )
+                self.guard = preemption.preemption_checkpoint(self.checkpoint_dir)
                 self.trainer = store.make_trainer(
                     logger=self.logger,
-                    callbacks=list(callbacks),
+                    callbacks=[*callbacks, self.guard],
                     default_root_dir=str(self.run_dir),
                     use_distributed_sampler=False,
                     enable_progress_bar=store.progress,
@@ -133,11 +157,11 @@ class StageRun:
                         module,
                         datamodule=datamodule,
                         train_dataloaders=train_dataloaders,
-                        ckpt_path=str(last) if last.exists() else None,
+                        ckpt_path=str(resume) if resume is not None else None,
                         weights_only=True,
                     )
                     break
-                except Exception as exc:
+                except Exception as exc:  # a SIGTERM stop (SystemExit) is not retried here
                     if not is_transient(exc):  # a bug or a bad input fails the same again
                         raise
                     if store.is_zero:
@@ -145,7 +169,7 @@ class StageRun:
                         self.client.set_tag(self.run_id, f"failure_{attempt}", failure)
                     if attempt == store.retries:
                         raise
-                    since = last if last.exists() else "the start"
+                    since = preemption.resume_checkpoint(self.run_dir) or "the start"
                     log.warning(
                         "%s failed (%s); retry %d/%d from %s",
                         self.kind,
@@ -186,6 +210,8 @@ class StageRun:
         """Write ``done.json`` with ``values`` (rank zero) and close the run as finished."""
         if self.store.is_zero:
             atomic_write_json(self.run_dir / DONE, {"run_id": self.run_id, **values})
+            for requeued in self.run_dir.glob(preemption.HPC_GLOB):  # resume-only copies
+                requeued.unlink(missing_ok=True)
             log.info("%s", self.summary_line(values))
         self.logger.close("success")
         return StageRecord(self.kind, self.digest, self.run_dir, self.run_id, dict(values))
@@ -269,12 +295,35 @@ class StageStore:
         run = StageRun(self, kind, digest, logger, fresh=earlier is None)
         if self.is_zero:
             atomic_write_text(run_dir / RUN_ID, run.run_id)
+            if not run.fresh:  # a resumed run is running again (it may show KILLED)
+                run.client.update_run(run.run_id, status="RUNNING")
         try:
             yield run
-        except Exception as exc:  # an interrupt (a kill) leaves it to resume instead
-            if self.is_zero:
+        except BaseException as exc:
+            if preemption.is_preemption(exc):
+                raise self._preempted(run) from exc
+            if isinstance(exc, Exception) and self.is_zero:  # a kill leaves it to resume
                 self._mark_failed(run, exc)
             raise
+
+    def _preempted(self, run: StageRun) -> preemption.Preempted:
+        """Record a SIGTERM stop (tag ``preempted_<n>``, ``KILLED``; rank zero) and return
+        the exit to raise: no T-05 alert, no ``failed`` tag."""
+        guard = run.guard
+        if guard is not None and guard.saved is not None:
+            where = "saved " + preemption.describe(guard.saved, guard.position, run.run_dir)
+        else:  # stopped after the fit (testing): its last checkpoint resumes it
+            where = "after the fit; resumes from its last checkpoint"
+        note = f"SIGTERM; {where}"
+        if self.is_zero:
+            preemption.mark_preempted(run.client, run.run_id, note, tag="preempted_")
+        message = (
+            f"{run.kind}: preempted by SIGTERM, {where}; exit status "
+            f"{preemption.EXIT_PREEMPTED}: rerun the same command to resume"
+        )
+        if self.is_zero:
+            log.warning("%s", message)
+        return preemption.Preempted(message)
 
     def _logger(
         self, kind: str, digest: str, run_dir: Path, tags: Mapping[str, str] | None
