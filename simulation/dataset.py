@@ -682,6 +682,7 @@ class GeneratedDataset(Dataset):
         self._ids: list[str] | None = None
         self._arrays: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._verified: str | None = None  # the card digest verify_cached() passed for
+        self._verified_at: str | None = None  # when (UTC, ISO 8601)
         if verify:
             self.verify()
 
@@ -809,33 +810,60 @@ class GeneratedDataset(Dataset):
         """
         if self._verified == self.card_digest:
             return False
-        marker = self.verification_marker()
-        jobs = self._checksummed_files()
         # stat before hashing: a file changed while it is hashed is hashed again next time
-        stats = _file_stats(self.root, [path for path, _ in jobs])
+        stats = _file_stats(self.root, [path for path, _ in self._checksummed_files()])
+        recorded = self._recorded_verification(stats)
+        if recorded is not None:
+            self._verified = self.card_digest
+            self._verified_at = str(recorded.get("verified_at") or "") or None
+            return False
+        self.verify()
+        self._verified = self.card_digest
+        self._verified_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        if stats is not None:
+            self._record_verification(self.verification_marker(), stats)
+        return True
+
+    def verification(self) -> dict[str, Any]:
+        """Whether this dataset version's checksums were verified, and when: ``{"verified":
+        bool, "verified_at": ISO 8601 UTC or None, "files": checksummed files}``. True when
+        :meth:`verify_cached` passed in this process, or when its marker records a pass and
+        no file changed since (stat only: nothing is hashed here)."""
+        files = self._checksummed_files()
+        if self._verified != self.card_digest:
+            recorded = self._recorded_verification(
+                _file_stats(self.root, [path for path, _ in files])
+            )
+            if recorded is not None:
+                self._verified = self.card_digest
+                self._verified_at = str(recorded.get("verified_at") or "") or None
+        verified = self._verified == self.card_digest
+        return {
+            "verified": verified,
+            "verified_at": self._verified_at if verified else None,
+            "files": len(files),
+        }
+
+    def _recorded_verification(self, stats: dict[str, list[int]] | None) -> dict | None:
+        """The marker's record of a pass of this card whose files still have ``stats``."""
         try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))
+            recorded = json.loads(self.verification_marker().read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            recorded = None
+            return None
         if (
             isinstance(recorded, dict)
             and stats is not None
             and recorded.get("card_sha256") == self.card_digest
             and recorded.get("files") == stats
         ):
-            self._verified = self.card_digest
-            return False
-        self.verify()
-        self._verified = self.card_digest
-        if stats is not None:
-            self._record_verification(marker, stats)
-        return True
+            return recorded
+        return None
 
     def _record_verification(self, marker: Path, stats: dict[str, list[int]]) -> None:
         record = {
             "card_sha256": self.card_digest,
             "files": stats,
-            "verified_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "verified_at": self._verified_at,
         }
         try:
             atomic_write_json(marker, record)

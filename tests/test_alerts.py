@@ -94,6 +94,18 @@ def test_rules_are_the_documents_alert_table(rules):
         ("学習ジョブ失敗", "risk/T-05/job_failed", ">=", 1.0, ("slack", "email"), "realtime"),
         # not in the document's table: the project's S-05 rule (issue 14)
         ("敵対的頑健性の低下", "risk/S-05/max_drop_share", ">", 0.5, ("slack",), "realtime"),
+        # the project's T-07, S-01, S-02 and O-02 rules (issue 14)
+        ("デプロイ失敗", "risk/O-02/deployable", "<", 1.0, ("slack", "email"), "realtime"),
+        ("データ整合性未検証", "risk/T-07/unverified", ">", 0.0, ("slack",), "realtime"),
+        ("認証情報の漏洩", "risk/S-01/leaks_found", ">", 0.0, ("slack", "email"), "realtime"),
+        (
+            "認証情報の露出（不正アクセス）",
+            "risk/S-02/leaks_found",
+            ">",
+            0.0,
+            ("slack", "email"),
+            "realtime",
+        ),
     }
 
 
@@ -470,7 +482,8 @@ def test_from_config_accepts_omegaconf(tmp_path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ALERTS)
-    assert len(rules_from_config(cfg)) == 8  # the 7 of section 5.2 and the S-05 rule
+    # the 7 of section 5.2 and the project's S-05, T-07, S-01, S-02 and O-02 rules
+    assert len(rules_from_config(cfg)) == len(OmegaConf.to_container(cfg)["rules"]) == 12
     assert isinstance(AlertManager.from_config(cfg, tmp_path), AlertManager)
 
 

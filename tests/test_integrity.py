@@ -29,7 +29,7 @@ from tests.conftest import ROOT
 from tests.test_dataset import generate
 from tests.test_generate import config as generate_config
 from tests.test_real_data import CV_BANDS, H, W, _bands, _make_camvid, _make_cityscapes, _save
-from training.stages.data import TRAINING_ROLES, verify_training_datasets
+from training.stages.data import VERIFIED_ROLES, verify_datasets
 
 
 def _flip(path: Path, count: int = 64, at: int = 200) -> None:
@@ -72,7 +72,7 @@ def test_corrupted_shard_stops_training_naming_file_and_key(sim_root: Path, dama
     datasets = {"sim_train": GeneratedDataset(sim_root), "sim_val": None}
     assert len(datasets["sim_train"]) == 10  # construction alone does not see it
     with pytest.raises(ConfigError) as err:
-        verify_training_datasets(datasets)
+        verify_datasets(datasets)
     msg = str(err.value)
     assert msg.startswith("data.datasets.sim_train: ")
     assert str(bad) in msg and "corrupted" in msg
@@ -80,32 +80,54 @@ def test_corrupted_shard_stops_training_naming_file_and_key(sim_root: Path, dama
 
 def test_verification_is_cached_per_dataset_version(sim_root: Path, hash_calls) -> None:
     ds = GeneratedDataset(sim_root)
-    assert verify_training_datasets({"sim_train": ds}) == {"sim_train": True}
+    assert verify_datasets({"sim_train": ds}) == {"sim_train": True}
     hashed = len(hash_calls)
     assert hashed == 4 * 3 + 1  # every shard file and the manifest
     markers = list(sim_root.glob(".verified-*.json"))
     assert len(markers) == 1
     # a rerun (a new process: a new dataset object) hashes nothing
     again = {"sim_train": GeneratedDataset(sim_root), "real_train": GeneratedDataset(sim_root)}
-    assert verify_training_datasets(again) == {"sim_train": False, "real_train": False}
+    assert verify_datasets(again) == {"sim_train": False, "real_train": False}
     assert len(hash_calls) == hashed
     # a file changed after it was verified is hashed again, and caught
     bad = sim_root / "shards" / "000002" / "images.npy"
     _flip(bad)
     with pytest.raises(ConfigError, match=f"data.datasets.sim_train: .*{bad}"):
-        verify_training_datasets({"sim_train": GeneratedDataset(sim_root)})
+        verify_datasets({"sim_train": GeneratedDataset(sim_root)})
     assert len(hash_calls) > hashed
 
 
-def test_only_generated_training_roles_are_verified(sim_root: Path, hash_calls) -> None:
-    assert set(TRAINING_ROLES) == {"sim_train", "real_train", "real_unlabeled"}
+def test_every_generated_role_is_verified_readers_are_skipped(sim_root: Path, hash_calls) -> None:
+    assert set(VERIFIED_ROLES) == {
+        "sim_train",
+        "sim_val",
+        "real_train",
+        "real_val",
+        "real_test",
+        "real_unlabeled",
+    }
+    # readers without checksums (here a list) and unknown roles are left alone
+    assert verify_datasets({"real_train": [1, 2], "extra": GeneratedDataset(sim_root)}) == {}
+    assert hash_calls == []
     _flip(sim_root / "shards" / "000000" / "images.npy")
+    # an evaluation split is checked too: a damaged test set would report made-up figures
+    for role in ("real_test", "sim_val", "real_unlabeled"):
+        with pytest.raises(ConfigError, match=f"data.datasets.{role}"):
+            verify_datasets({role: GeneratedDataset(sim_root)})
+
+
+def test_verification_says_whether_and_when(sim_root: Path, hash_calls) -> None:
     ds = GeneratedDataset(sim_root)
-    # evaluation splits and readers without checksums are left alone
-    out = verify_training_datasets({"sim_val": ds, "real_val": ds, "real_train": [1, 2]})
-    assert out == {} and hash_calls == []
-    with pytest.raises(ConfigError, match="data.datasets.real_unlabeled"):
-        verify_training_datasets({"real_unlabeled": ds})
+    files = sum(len(s["files"]) for s in ds.card["shards"]) + 1  # shard files + manifest
+    assert ds.verification() == {"verified": False, "verified_at": None, "files": files}
+    assert verify_datasets({"sim_train": ds}) == {"sim_train": True}
+    first = ds.verification()
+    assert first["verified"] and first["files"] == files
+    assert first["verified_at"].endswith("+00:00")  # UTC, ISO 8601
+    again = GeneratedDataset(sim_root).verification()  # a new process reads the marker
+    assert again == first
+    _flip(sim_root / "shards" / "000000" / "masks.npy")
+    assert GeneratedDataset(sim_root).verification()["verified"] is False
 
 
 def test_read_only_dataset_is_verified_without_a_marker(sim_root: Path, monkeypatch) -> None:
@@ -113,9 +135,7 @@ def test_read_only_dataset_is_verified_without_a_marker(sim_root: Path, monkeypa
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(dataset_module, "atomic_write_json", refuse)
-    assert verify_training_datasets({"sim_train": GeneratedDataset(sim_root)}) == {
-        "sim_train": True
-    }
+    assert verify_datasets({"sim_train": GeneratedDataset(sim_root)}) == {"sim_train": True}
     assert not list(sim_root.glob(".verified-*"))
 
 
@@ -128,12 +148,17 @@ def test_generated_splits_of_a_run_are_verified_after_build_datasets(
     cfg = train_config(tmp_path)
     roots = ensure_procedural_datasets(cfg.data.generate, cfg.data.image, cfg.taxonomy)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
-    assert verify_training_datasets(datasets) == {"sim_train": True, "real_train": True}
+    out = verify_datasets(datasets)
+    # every generated split is hashed once: a folder shared by two roles counts once
+    assert set(out) == {r for r in VERIFIED_ROLES if datasets.get(r) is not None}
+    assert out["sim_train"] and out["real_train"]
+    roots_hashed = {datasets[r].root.resolve() for r, hashed in out.items() if hashed}
+    assert roots_hashed == {datasets[r].root.resolve() for r in out}
     bad = roots["real_train"] / "shards" / "000000" / "masks.npy"
     _flip(bad, at=150)
     datasets = build_datasets(cfg.data.datasets, taxonomy)  # the next run
     with pytest.raises(ConfigError, match=f"^data.datasets.real_train: {bad} \\(corrupted"):
-        verify_training_datasets(datasets)
+        verify_datasets(datasets)
 
 
 # ---------------------------------------------------------------------- card self-checksum

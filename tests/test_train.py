@@ -182,7 +182,8 @@ def test_interrupted_stage_resumes_in_the_same_run(tmp_path, monkeypatch):
 
 
 def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
-    """The multi-process path (Lightning's DDP launcher re-runs the script per rank)."""
+    """The multi-process path (Lightning's DDP launcher re-runs the script per rank), and
+    T-03's scaling efficiency against the same work on one process."""
     import os
     import subprocess
     import sys
@@ -190,35 +191,62 @@ def test_ddp_on_two_cpu_processes_logs_one_run_per_stage(tmp_path):
     from tests.conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "scripts/train.py",
-            "experiment=smoke",
-            "trainer=ddp_cpu",
-            f"paths.data={tmp_path / 'data'}",
-            f"paths.output={tmp_path / 'out'}",
-            "log_model=false",
-            "stages.source_only.max_epochs=1",
-            # the console is quiet by default; Lightning's "Initializing distributed" line
-            # (one per rank) is what shows two processes
-            "hydra.verbose=[lightning_fabric]",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "scripts/train.py",
+                "experiment=smoke",
+                "trainer=ddp_cpu",
+                f"paths.data={tmp_path / 'data'}",
+                f"paths.output={tmp_path / 'out'}",
+                "log_model=false",
+                "stages.source_only.max_epochs=1",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+
+    one = train("trainer.devices=1", "trainer.strategy=auto", "~stages.finetune")
+    assert one.returncode == 0, one.stderr[-3000:]
+    # the console is quiet by default; Lightning's "Initializing distributed" line (one
+    # per rank) is what shows two processes
+    out = train("hydra.verbose=[lightning_fabric]")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MEMBER: 2/2" in out.stderr + out.stdout
     assert out.stdout.count("| finetune |") == 1  # rank zero reports, once
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sim2real-drive").experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["finetune", "pipeline", "source_only"]
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages == ["finetune", "pipeline", "pipeline", "source_only", "source_only"]
     for r in runs:
         key = "finetune/test/real/miou" if r.data.tags["stage"] == "pipeline" else "test/real/miou"
         assert key in r.data.metrics
+    by_devices = {
+        r.data.metrics["risk/T-03/devices"]: r
+        for r in runs
+        if r.data.tags["stage"] == "source_only"
+    }
+    single, ddp = by_devices[1.0].data.metrics, by_devices[2.0].data.metrics
+    assert "risk/T-03/scaling_efficiency" not in single
+    efficiency = ddp["risk/T-03/scaling_efficiency"]
+    assert efficiency == pytest.approx(
+        ddp["risk/T-03/images_per_s_per_device"] / single["risk/T-03/images_per_s_per_device"]
+    )
+    assert ddp["risk/T-03/images_per_s"] == pytest.approx(
+        2 * ddp["risk/T-03/images_per_s_per_device"]
+    )
+    print(f"T-03 on this machine: 2 CPU processes at {efficiency:.2f} of one process's rate")
+    assert "efficiency" in by_devices[2.0].data.tags["risk/T-03/scaling"]
+    # the finetune stage had no one-process run: no figure, and the tag says how to get one
+    finetune = next(r for r in runs if r.data.tags["stage"] == "finetune")
+    assert "risk/T-03/scaling_efficiency" not in finetune.data.metrics
+    assert "trainer.devices=1" in finetune.data.tags["risk/T-03/scaling"]
 
 
 def test_transient_failure_is_retried(tmp_path, monkeypatch):
@@ -349,8 +377,26 @@ def test_risk_register_is_assessed_and_published(smoke_run):
         "risk/S-05/pgd_eps4/miou",
         "risk/S-05/fog_s3/miou",
         "risk/S-05/max_drop_share",
+        "risk/T-03/images_per_s_per_device",
+        "risk/T-07/verified",
+        "risk/S-01/leaks_found",
+        "risk/O-03/coverage",
+        "system/cpu_utilization_percentage",  # MLflow's system metrics: T-04's series
     ):
         assert key in m, key
+    # T-03: one process, so no scaling figure; the work is named for the ledger
+    assert m["risk/T-03/devices"] == 1 and m["risk/T-03/images_per_s_per_device"] > 0
+    assert "risk/T-03/scaling_efficiency" not in m
+    assert run.data.tags["risk/T-03/workload"].startswith("finetune|accelerator=CPUAccelerator")
+    # T-07: every generated set the stage read was verified (the smoke data is all generated)
+    assert m["risk/T-07/verified"] == m["risk/T-07/checksummed"] == m["risk/T-07/datasets"] >= 3
+    assert m["risk/T-07/unverified"] == 0 and m["risk/T-07/verified_share"] == 1.0
+    # S-01/S-02: the run logged no credential; O-03: the rows measured, the rest named
+    assert m["risk/S-01/leaks_found"] == m["risk/S-02/leaks_found"] == 0
+    assert m["risk/S-01/items_scanned"] > 100  # params, tags, config.yaml ...
+    unmonitored = run.data.tags["risk/O-03/not_monitored"].split(",")
+    assert "T-04" in unmonitored and "T-07" not in unmonitored and "O-03" not in unmonitored
+    assert m["risk/O-03/coverage"] == pytest.approx((23 - len(unmonitored)) / 23)
     assert m["risk/S-05/max_drop"] >= m["risk/S-05/pgd_eps4/drop"]
     assert run.data.tags["risk/T-06/method"].startswith("best of 3 interleaved rounds")
     assert m["risk/T-01/accuracy"] == pytest.approx(res.metrics["test/real/pixel_acc"])
@@ -363,8 +409,14 @@ def test_risk_register_is_assessed_and_published(smoke_run):
     assert run.data.tags["risk/T-04/gpu"].startswith("not available")
     assert "model_accuracy_drop" in run.data.tags["risk/alerts_fired"]  # tiny model, < 85 %
     arts = {a.path for a in client.list_artifacts(res.run_id, "risk")}
-    assert arts == {"risk/register.json", "risk/alerts.json", "risk/risk_dashboard.html"}
+    assert arts == {
+        "risk/register.json",
+        "risk/alerts.json",
+        "risk/risk_dashboard.html",
+        "risk/T-07_datasets.json",
+    }
     page = (res.run_dir / "risk_dashboard.html").read_text()
+    assert "<h2>T-07 datasets</h2>" in page and "T-03 training images/s per device" in page
     assert "T-01 accuracy on real data" in page and "モデル精度低下" in page
     assert "S-05 real mIoU under attack / corruption" in page
     assert "risk/T-06/method: best of 3" in page  # how the latency figures were taken

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from adaptation.plugin import StepOutputs
+from training.adversarial import AdversarialTraining
 from training.figures import confusion_matrix_image, prediction_grid
 from training.metrics import GroupedSegmentationMetrics, sim_to_real_gap
 from training.schedules import warmup_cosine
@@ -55,6 +56,10 @@ class SegmentationTask(pl.LightningModule):
         labelled: ``{domain: class indices}`` the evaluated data of a domain labels (a
             real dataset may lack classes of the taxonomy): its mIoU averages over them,
             with ``miou_all`` over every class beside it; a domain not named: all.
+        adversarial: adversarial training (risk S-05's mitigation, ``loss.adversarial``):
+            a seeded share of every training batch replaced by PGD examples crafted
+            against the current weights (:class:`~training.adversarial.
+            AdversarialTraining`), their loss logged as ``train/adv_loss``; None: off.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class SegmentationTask(pl.LightningModule):
         objectives: Mapping[str, nn.Module] | None = None,
         labelled: Mapping[str, Sequence[int] | None] | None = None,
         real_loss_share: float | None = None,
+        adversarial: AdversarialTraining | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -101,6 +107,7 @@ class SegmentationTask(pl.LightningModule):
         self.test_group_confusions: dict[str, dict[str, np.ndarray]] = {}
         self.objectives = nn.ModuleDict(dict(objectives or {}))
         self.real_loss_share = None if real_loss_share is None else float(real_loss_share)
+        self.adversarial = adversarial
         # pooled encoder features of the first validation images of each domain, for the
         # proxy A-distance (a gap measure independent of the labels)
         self._pad_features: dict[str, list[torch.Tensor]] = {}
@@ -115,6 +122,9 @@ class SegmentationTask(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bs = batch["image"].shape[0]
+        attacked = None
+        if self.adversarial is not None:
+            batch, attacked = self._adversarial_batch(batch, batch_idx)
         if not self.objectives:
             logits = self(batch["image"])
             loss = self.task_loss(logits, batch)
@@ -127,7 +137,28 @@ class SegmentationTask(pl.LightningModule):
                 if bool(sel.any()):
                     part = self.loss(logits[sel], batch["mask"][sel])
                     self.log(f"train/{name}/loss", part, batch_size=int(sel.sum()))
+            if attacked is not None and attacked.numel():
+                adv = self.loss(logits[attacked], batch["mask"][attacked])
+                self.log("train/adv_loss", adv, batch_size=int(attacked.numel()))
         return loss
+
+    def _adversarial_batch(
+        self, batch: dict[str, Any], batch_idx: int
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """The batch with :attr:`adversarial`'s share of images replaced by PGD examples
+        (crafted with the model in eval mode: no BatchNorm statistic moves), and the
+        indices replaced."""
+        assert self.adversarial is not None
+        images, attacked = self.adversarial.craft(
+            self.model,
+            batch["image"],
+            batch["mask"],
+            step=int(self.global_step),
+            batch_idx=batch_idx,
+            rank=int(self.global_rank),
+            forward=self,  # the task's forward adds the memory layout
+        )
+        return {**batch, "image": images}, attacked
 
     def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """The segmentation loss of a labelled batch: one mean over its pixels, or with

@@ -20,6 +20,12 @@ into the register's figures, named ``risk/<ID>/<metric>``:
 * T-10 frames dropped by sensor-noise screening;
 * O-01 the stage's cost against the daily budget.
 
+Beside :func:`assess`, called by :func:`training.stages.monitoring.assess_risk`:
+T-03 throughput and scaling (:mod:`training.risk.throughput`), T-07 the datasets read and
+their verification (:mod:`training.risk.integrity`), S-01/S-02 the leak scan of what the
+run logged (:mod:`training.risk.leaks`); :func:`publish` adds O-03, the register's own
+coverage (:func:`coverage_figures`).
+
 :func:`publish` evaluates the alert rules, logs the figures, the register with each
 risk's live status (a table), the alerts and a self-contained HTML dashboard to MLflow.
 """
@@ -173,6 +179,19 @@ def assess(
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 
+def check_settings(risk: Mapping[str, Any]) -> None:
+    """The ``risk`` settings the monitors read, checked before any work: S-05's
+    ``robustness``, T-04's ``system_metrics`` and S-01's ``leak_scan``; a
+    :class:`~core.config.ConfigError` names the key."""
+    from core.config import ConfigError
+    from training.risk import robustness, system
+
+    robustness.settings_from(risk)
+    system.settings_from(risk)
+    if not isinstance(risk.get("leak_scan", True), bool):
+        raise ConfigError(f"risk.leak_scan={risk.get('leak_scan')!r}: expected true or false")
+
+
 def latency_figures(
     model: Any, height: int, width: int, settings: Mapping[str, Any]
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -229,21 +248,27 @@ def publish(
     register_path: str | Path | None = None,
     alerts_path: str | Path | None = None,
     context: Mapping[str, float] | None = None,
+    tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate alerts; log figures, register table, alerts and the dashboard to MLflow.
 
     Returns the fired alerts as dicts. A failing notifier never breaks the run: its failure
     is logged and recorded in the ``risk/notifier_failures`` tag and ``risk/alerts.json``.
-    ``context`` holds figures already logged (``test/...``) that the dashboard also plots.
+    ``context`` holds figures already logged (``test/...``) that the dashboard also plots;
+    ``tables`` (name -> rows) go to the dashboard and to ``risk/<name>.json``. O-03's
+    coverage figures are added here (:func:`coverage_figures`); tag values pass through
+    :func:`~training.risk.leaks.redact_secrets` first.
     """
     from training.risk.alerts import AlertManager
     from training.risk.dashboard import render_dashboard
+    from training.risk.leaks import redact_secrets
     from training.risk.register import RiskRegister
 
     output_dir = Path(output_dir)
     register = RiskRegister.load(register_path or CONFIG_DIR / "register.yaml")
     manager = AlertManager.load(alerts_path or CONFIG_DIR / "alerts.yaml", output_dir)
     finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    finite.update(coverage_figures(register, finite))
     alerts = manager.process(finite)
     fired = [a.to_dict() for a in alerts if a.fired]
     for a in fired:
@@ -251,19 +276,43 @@ def publish(
     failures = [f.to_dict() for f in manager.failures]
     rows = register.live_status(finite, [a for a in alerts if a.fired])
     client.log_batch(run_id, metrics=_metric_entities(finite))
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, str(value)[:5000])
+    tags = {k: redact_secrets(str(v))[:5000] for k, v in (tags or {}).items()}
+    unmonitored = [r["id"] for r in rows if r["live_status"] == "not_monitored"]
+    tags["risk/O-03/not_monitored"] = ",".join(unmonitored) or "none"
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
     client.set_tag(run_id, "risk/alerts_fired", ",".join(a["rule"] for a in fired) or "none")
     if failures:
         client.set_tag(run_id, "risk/notifier_failures", json.dumps(failures)[:5000])
     client.log_table(run_id, data=_columns(rows), artifact_file="risk/register.json")
+    for name, table in (tables or {}).items():
+        if table:
+            client.log_table(run_id, data=_columns(table), artifact_file=f"risk/{name}.json")
     client.log_dict(run_id, {"alerts": fired, "notifier_failures": failures}, "risk/alerts.json")
     shown = {**{k: v for k, v in (context or {}).items() if math.isfinite(v)}, **finite}
-    page = render_dashboard(title, shown, rows, fired, notes=dict(tags or {}))
+    page = render_dashboard(title, shown, rows, fired, notes=tags, tables=tables)
     path = output_dir / "risk_dashboard.html"
     path.write_text(page, encoding="utf-8")
     client.log_artifact(run_id, str(path), artifact_path="risk")
     return fired
+
+
+def coverage_figures(register: Any, figures: Mapping[str, float]) -> dict[str, float]:
+    """O-03 (insufficient monitoring): how much of the register this run measures.
+
+    ``risk/O-03/coverage`` is the share of the register's rows with at least one figure,
+    O-03 itself counted as measured (by this figure); ``monitored`` and
+    ``not_monitored`` are the row counts (the ids are the ``risk/O-03/not_monitored``
+    tag)."""
+    measured = {key.split("/")[1] for key in figures if key.startswith("risk/")}
+    measured.add("O-03")
+    ids = list(register.ids)
+    monitored = sum(1 for risk_id in ids if risk_id in measured)
+    return {
+        "risk/O-03/coverage": monitored / len(ids) if ids else 0.0,
+        "risk/O-03/monitored": float(monitored),
+        "risk/O-03/not_monitored": float(len(ids) - monitored),
+    }
 
 
 def _metric_entities(metrics: Mapping[str, float]) -> list[Any]:

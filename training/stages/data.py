@@ -111,22 +111,24 @@ def build_datasets(nodes: Mapping[str, Any], taxonomy: Taxonomy) -> dict[str, An
     return out
 
 
-#: The roles stages train on; their generated datasets' checksums are verified before training.
-TRAINING_ROLES = ("sim_train", "real_train", "real_unlabeled")
+#: Every dataset role a stage reads; the generated ones' checksums are verified before
+#: training: a damaged training set would train silently, a damaged evaluation split would
+#: report figures of data nobody generated (T-07).
+VERIFIED_ROLES = ("sim_train", "sim_val", "real_train", "real_val", "real_test", "real_unlabeled")
 
 
-def verify_training_datasets(
-    datasets: Mapping[str, Any], roles: Iterable[str] = TRAINING_ROLES
+def verify_datasets(
+    datasets: Mapping[str, Any], roles: Iterable[str] = VERIFIED_ROLES
 ) -> dict[str, bool]:
-    """Recompute the shard checksums of the generated training sets, so a corrupted shard
-    stops the run before any training instead of training silently.
+    """Recompute the shard checksums of the generated datasets of ``roles``, so a corrupted
+    shard stops the run before any training instead of training or testing silently.
 
-    Only :class:`~simulation.dataset.GeneratedDataset` values of ``roles`` have checksums
-    (real readers, ``None`` and evaluation splits are skipped). A dataset is hashed once
-    per version: :meth:`~simulation.dataset.GeneratedDataset.verify_cached` records a pass
-    in a marker file inside the dataset folder, named by the card's sha256 and the shard
-    checksums, and reruns only compare file sizes and modification times; a folder used
-    under two roles is hashed once.
+    Only :class:`~simulation.dataset.GeneratedDataset` values have checksums (real readers
+    and ``None`` are skipped). A dataset is hashed once per version:
+    :meth:`~simulation.dataset.GeneratedDataset.verify_cached` records a pass in a marker
+    file inside the dataset folder, named by the card's sha256 and the shard checksums, and
+    reruns only compare file sizes and modification times; a folder used under two roles
+    is hashed once.
 
     Returns ``{role: hashed now}`` for the roles checked. Raises :class:`ConfigError`
     ``data.datasets.<role>: <file> (corrupted ...)`` naming every bad file.

@@ -13,7 +13,9 @@ An experiment is an ordered set of *stages* (``source_only``, ``real_only``, ``f
 
 Because stage folders are named by hash, rerunning a command resumes an interrupted stage
 in the same MLflow run (T-04) and skips finished ones, experiments share stages whose
-configs agree, and a transient failure is retried from the last checkpoint (T-05).
+configs agree, and a transient failure is retried from the last checkpoint (T-05). A
+SIGTERM during training saves the stage's checkpoint and ends the call with
+:class:`training.preemption.Preempted` (exit status 75), the parent run ``KILLED``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from training.stages.data import (
     Screening,
     build_datasets,
     ensure_procedural_datasets,
-    verify_training_datasets,
+    verify_datasets,
     wait_for_datasets,
 )
 from training.stages.plan import Plan, make_plan
@@ -56,10 +58,15 @@ def check_config(cfg: Any) -> Plan:
 
     OmegaConf.resolve(cfg)
     precision = apply_precision(cfg.trainer)  # before any stage hash: it changes results
+    _drop_adversarial_when_off(cfg)  # before any stage hash too
     if cfg.get("risk") and cfg.risk.get("enabled"):
-        from training.risk.robustness import settings_from
+        from training.risk.monitor import check_settings
 
-        settings_from(plain(cfg.risk))  # S-05 settings: a bad key stops the run here
+        check_settings(plain(cfg.risk))  # S-05, T-04 series, S-01 scan: a bad key stops here
+    if cfg.get("log_model") and cfg.get("registry") and cfg.registry.get("enabled"):
+        from training.risk.deploy import settings_from as deploy_settings
+
+        deploy_settings(plain(cfg.registry))  # O-02 keys: a bad value stops the run here
     taxonomy = instantiate_checked(cfg.taxonomy)
     try:  # a model that cannot be built stops the run before any data is made
         instantiate_checked(cfg.model, num_classes=taxonomy.num_classes)
@@ -71,6 +78,22 @@ def check_config(cfg: Any) -> Plan:
     plan = make_plan(cfg, tuple(taxonomy.classes))
     plan.precision_requested = precision.requested
     return plan
+
+
+def _drop_adversarial_when_off(cfg: Any) -> None:
+    """Check ``loss.adversarial`` and remove it from ``cfg`` when off (``rate: 0``): a run
+    without adversarial training then hashes, names and logs its stages exactly as before
+    the option existed (the stage hash covers the whole ``loss`` section)."""
+    from omegaconf import open_dict
+
+    from training.adversarial import adversarial_training
+
+    loss = cfg.get("loss")
+    if loss is None or "adversarial" not in loss:
+        return
+    if adversarial_training(plain(loss.adversarial), seed=0) is None:
+        with open_dict(loss):
+            del loss["adversarial"]
 
 
 def run_train(
@@ -143,7 +166,7 @@ def _run(
         else:  # torchrun / SLURM start every rank at once: only rank zero renders
             wait_for_datasets(gen, cfg.data.image, cfg.taxonomy)
     datasets = build_datasets(cfg.data.datasets, taxonomy)
-    verify_training_datasets(datasets)  # shard checksums, once per dataset version
+    verify_datasets(datasets)  # shard checksums, once per dataset version
     for component in plan.pixel:
         component.plugin.check(plan.run, env, datasets)
     for spec in plan.stages:  # every stage built once, so none stops after another trained
@@ -156,7 +179,9 @@ def _run(
         results = _run_stages(plan, env, datasets)
     except BaseException as exc:
         if store.parent is not None:
-            store.parent.fail(exc)
+            from training.preemption import end_parent
+
+            end_parent(store.parent, exc)  # preempted: KILLED, to be resumed; else failed
         raise
     if store.parent is not None:
         from training.report import results_table
@@ -318,6 +343,7 @@ def make_recipe(
     cfg: Any, risk: Mapping[str, Any] | None, output: Path, precision_requested: str = ""
 ) -> Recipe:
     from training import tracking
+    from training.adversarial import adversarial_training
 
     registry = None
     if cfg.log_model and cfg.registry.enabled:
@@ -334,6 +360,7 @@ def make_recipe(
         loader=dict(plain(cfg.data.loader)),
         class_weighting=str(cfg.loss.class_weighting),
         label_smoothing=float(cfg.loss.label_smoothing),
+        adversarial=adversarial_training(plain(cfg.loss.get("adversarial")), int(cfg.seed)),
         warmup_fraction=float(cfg.warmup_fraction),
         image_size=(int(cfg.data.image.height), int(cfg.data.image.width)),
         log_model=bool(cfg.log_model),

@@ -25,6 +25,7 @@ def publish_risk(
     tags: Mapping[str, str],
     risk: Mapping[str, Any],
     context: Mapping[str, float] | None = None,
+    tables: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Publish register figures to a stage's run and evaluate the alert rules (every alert
     that fired goes to the log once, through the alert manager); returns them."""
@@ -40,6 +41,7 @@ def publish_risk(
         register_path=risk.get("register"),
         alerts_path=risk.get("alerts"),
         context=context,
+        tables=tables,
     )
     # each alert is logged once, by the alert manager's log notifier ("ALERT [T-01] ...")
     return fired
@@ -77,6 +79,8 @@ def assess_risk(
     gpu: Any,
     screening: Mapping[str, float] | None,
     references: Mapping[str, float] | None,
+    datasets: Mapping[str, Any] | None = None,
+    throughput: Any = None,
 ) -> dict[str, float]:
     """The register's monitors for a finished stage, published to its MLflow run.
 
@@ -89,7 +93,10 @@ def assess_risk(
         metrics: the stage's test figures.
         wall_seconds, devices: training time over all sessions and processes (O-01).
         gpu: the stage's GPU monitor (T-04) or None.
-        screening, references: T-10 figures; T-09's reference mIoUs.
+        screening, references: figures measured before (T-10, O-02); T-09's references.
+        datasets: the datasets the stage read, by role (T-07).
+        throughput: the stage's :class:`~training.risk.throughput.ThroughputMeter` (T-03),
+            None when it did not train in this session.
     """
     from training.risk.cost import CostTracker
     from training.risk.monitor import (
@@ -130,7 +137,38 @@ def assess_risk(
     figures.update(latency)
     figures.update(robustness_figures(task.model, current, task.class_names, risk))
     tags.update(latency_tags)
-    publish_risk(client, run_id, label, run_dir, figures, tags, risk, context=metrics)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if datasets:
+        from training.risk.integrity import dataset_rows, integrity_figures
+
+        rows = dataset_rows(datasets)
+        integrity, integrity_tags = integrity_figures(rows)
+        figures.update(integrity)
+        tags.update(integrity_tags)
+        tables["T-07_datasets"] = rows
+    if throughput is not None:
+        from training.risk.throughput import ScalingLedger, throughput_figures, workload_key
+
+        key = workload_key(label.rsplit("/", 1)[-1], throughput.work, throughput.batch_size)
+        scaling, scaling_tags = throughput_figures(
+            throughput.images,
+            throughput.seconds,
+            devices,
+            key,
+            ScalingLedger(Path(output) / "throughput_ledger.json"),
+            run_id=run_id,
+        )
+        figures.update(scaling)
+        tags.update(scaling_tags)
+    if risk.get("leak_scan", True):
+        from training.risk.leaks import scan_run
+
+        scan = scan_run(client, run_id, pending_tags=tags, folders=[run_dir])
+        figures.update(scan.figures())
+        tags.update(scan.tags())
+    publish_risk(
+        client, run_id, label, run_dir, figures, tags, risk, context=metrics, tables=tables
+    )
     return figures
 
 
@@ -141,26 +179,74 @@ def register_and_compare(
     val_loader: Any,
     num_classes: int,
     seed: int,
+    model: Any = None,
 ) -> dict[str, float]:
     """Register the stage's model; a challenger is A/B-compared with the champion on the
     validation images of ``val_loader`` (real when the stage has them) and promoted only
-    if it wins by the margin (T-01)."""
+    if it wins by the margin (T-01).
+
+    First (O-02) the new version's exported program, loaded in a fresh process, must
+    predict what ``model`` (the in-memory checkpoint) predicts on the first
+    ``registry.deploy_images`` validation images (:mod:`training.risk.deploy`). A version
+    that fails is tagged ``decision=not_deployable`` (run and version) and loses its alias:
+    a challenger is never compared nor promoted (the champion stays); a first version does
+    not become champion (deployment finds no champion rather than a wrong one; the next
+    deployable version becomes the first champion). Without ``model`` the check is skipped
+    with a warning."""
     from mlflow.tracking import MlflowClient
 
+    from training.risk import deploy
     from training.risk.registry import CHALLENGER, ModelRegistry, per_image_scores
 
+    deploy_settings = deploy.settings_from(registry)  # a bad registry.deploy_* key: stop here
     models = ModelRegistry(uri, name=str(registry["name"]))
     client = MlflowClient(uri)
     if "registry/version" in client.get_run(run_id).data.tags:
         return {}  # a rerun after a crash past registration: never register twice
     version = models.register(run_id)
     client.set_tag(run_id, "registry/version", version)
-    if models.aliases().get(CHALLENGER) != version:
+    first = models.aliases().get(CHALLENGER) != version
+    figures: dict[str, float] = {}
+    if deploy_settings is None:
+        log.info("registry %s: deployability check off (deploy_images: 0)", models.name)
+    elif model is None:
+        log.warning("registry %s v%s: no in-memory model, O-02 not checked", models.name, version)
+    else:
+        check = deploy.check_deployable(
+            uri,
+            models.name,
+            version,
+            model,
+            deploy.probe_images(val_loader, deploy_settings.images),
+            min_agreement=deploy_settings.min_agreement,
+            timeout_s=deploy_settings.timeout_s,
+        )
+        figures = check.figures()
+        for key, value in figures.items():
+            client.log_metric(run_id, key, value)
+        client.set_tag(run_id, "risk/O-02/reason", check.reason[:5000])
+        for key, value in check.tags().items():
+            models.client.set_model_version_tag(models.name, version, key, value)
+        if not check.deployable:
+            client.set_tag(run_id, "registry/decision", "not_deployable")
+            # the version keeps its artifacts but no alias: never served, never promoted
+            models.withdraw(version, "not_deployable", check.reason[:5000])
+            log.error(
+                "registry %s v%s NOT DEPLOYABLE: %s; %s",
+                models.name,
+                version,
+                check.reason,
+                "no champion until a deployable version is registered"
+                if first
+                else "the champion stays",
+            )
+            return {"registry/promoted": 0.0, **figures}
+    if first:
         client.set_tag(run_id, "registry/decision", "first_champion")
-        return {"registry/promoted": 1.0}
+        return {"registry/promoted": 1.0, **figures}
     comparison = models.compare(
-        lambda model: per_image_scores(
-            model, val_loader, num_classes, metric=str(registry["metric"]), batch_forward=True
+        lambda candidate: per_image_scores(
+            candidate, val_loader, num_classes, metric=str(registry["metric"]), batch_forward=True
         ),
         margin=float(registry["margin"]),
         confidence=float(registry["confidence"]),
@@ -183,4 +269,5 @@ def register_and_compare(
         "registry/diff": comparison.diff,
         "registry/ci_low": comparison.ci_low,
         "registry/ci_high": comparison.ci_high,
+        **figures,
     }

@@ -74,6 +74,8 @@ class Recipe:
         output: ``paths.output``.
         precision_requested: ``trainer.precision`` as configured (``auto``), logged as
             ``trainer.precision_requested`` beside the resolved ``trainer.precision``.
+        adversarial: ``loss.adversarial`` (:class:`~training.adversarial.
+            AdversarialTraining`, PGD examples in every labelled batch), or None when off.
     """
 
     seed: int
@@ -91,6 +93,7 @@ class Recipe:
     config: Mapping[str, Any]
     output: Path
     precision_requested: str = ""
+    adversarial: Any = None
 
 
 def condition_groups(datasets: Any) -> list[str]:
@@ -192,6 +195,7 @@ def build_stage(
             ),
         },
         real_loss_share=spec.real_loss_share,
+        adversarial=recipe.adversarial,
     )
     callbacks = [cb for c in objectives for cb in c.plugin.callbacks(built[c.name])]
     if spec.bn_recalibration and not has_unlabeled:
@@ -298,10 +302,12 @@ def _fit_and_evaluate(
 
     from training import tracking
     from training.risk.gpu import GpuMonitor
+    from training.risk.system import finish_system_metrics
+    from training.risk.throughput import ThroughputMeter
     from training.stages.monitoring import assess_risk, register_and_compare
 
     evaluated = run.run_dir / EVALUATION
-    gpu = None
+    gpu = throughput = None
     if evaluated.exists():  # tested in an earlier session, killed before the done marker
         best = _restore_evaluation(task, evaluated)
         log.info("stage %s: evaluated earlier, not tested again", spec.name)
@@ -311,6 +317,8 @@ def _fit_and_evaluate(
             dirpath=run.checkpoint_dir, filename="best", monitor=monitor, mode="max", save_last=True
         )
         gpu = GpuMonitor().start() if recipe.risk is not None else None
+        throughput = ThroughputMeter() if recipe.risk is not None else None
+        system = _system_metrics(store, run, recipe.risk)
         try:
             # dropout and any other draw during training follow the seed too; the
             # process's own random state is put back afterwards
@@ -318,12 +326,13 @@ def _fit_and_evaluate(
                 trainer = run.fit(
                     task,
                     datamodule=dm,
-                    callbacks=[checkpoint, *callbacks],
+                    callbacks=[checkpoint, *callbacks, *([throughput] if throughput else [])],
                     max_epochs=spec.max_epochs,
                 )
         finally:
             if gpu is not None:
                 gpu.stop()
+            finish_system_metrics(system)
         best = Path(checkpoint.best_model_path or run.checkpoint_dir / "last.ckpt")
         with seeded(recipe.seed):  # the caller's RNG untouched
             trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
@@ -334,7 +343,24 @@ def _fit_and_evaluate(
         run.logger.close("success")
         return StageResult(spec.name, run.run_dir, best, run.run_id, metrics)
     label = f"{store.experiment_name}/{spec.name}"
-    if recipe.risk is not None:
+    run.log_artifact(best, artifact_path="checkpoints")
+    h, w = recipe.image_size
+    if recipe.log_model:
+        tracking.log_model(run.run_id, task.model, h, w, uri=store.tracking.uri)
+    registered: dict[str, float] = {}
+    if recipe.registry is not None and spec.name in recipe.registry["stages"]:
+        loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
+        registered = register_and_compare(
+            store.tracking.uri,
+            run.run_id,
+            recipe.registry,
+            loaders.get("real") or loaders.get("sim"),
+            taxonomy.num_classes,
+            recipe.seed,
+            model=task.model,
+        )
+        metrics.update(registered)
+    if recipe.risk is not None:  # after the export and registration: O-02 is on the register
         reference = dm.sim_train if spec.sim_ratio > 0 and dm.sim_train is not None else None
         metrics.update(
             assess_risk(
@@ -351,24 +377,10 @@ def _fit_and_evaluate(
                 wall_seconds=run.wall_seconds,
                 devices=store.world_size,
                 gpu=gpu,
-                screening=screening,
+                screening={**screening, **_risk_figures(registered)},
                 references=references,
-            )
-        )
-    run.log_artifact(best, artifact_path="checkpoints")
-    h, w = recipe.image_size
-    if recipe.log_model:
-        tracking.log_model(run.run_id, task.model, h, w, uri=store.tracking.uri)
-    if recipe.registry is not None and spec.name in recipe.registry["stages"]:
-        loaders = dict(zip(dm.val_names, dm.val_dataloader(), strict=True))
-        metrics.update(
-            register_and_compare(
-                store.tracking.uri,
-                run.run_id,
-                recipe.registry,
-                loaders.get("real") or loaders.get("sim"),
-                taxonomy.num_classes,
-                recipe.seed,
+                datasets=datasets,
+                throughput=throughput,
             )
         )
     published = recipe.output / "models" / f"{store.experiment_name}-{spec.name}-{digest}.ckpt"
@@ -378,6 +390,22 @@ def _fit_and_evaluate(
     alerts = [] if fired == "none" else fired.split(",")
     record = run.finish({"checkpoint": str(best), "metrics": metrics, "alerts": alerts})
     return StageResult.from_record(spec.name, record)
+
+
+def _risk_figures(figures: Mapping[str, float]) -> dict[str, float]:
+    """The register's figures (``risk/<ID>/...``) of ``figures``."""
+    return {k: v for k, v in figures.items() if k.startswith("risk/")}
+
+
+def _system_metrics(store: StageStore, run: StageRun, risk: Mapping[str, Any] | None) -> Any:
+    """MLflow's ``system/*`` series on the stage run while it trains (T-04), rank zero
+    only; None when off (:mod:`training.risk.system`)."""
+    from training.risk.system import settings_from, start_system_metrics
+
+    settings = settings_from(risk) if risk is not None and store.is_zero else None
+    if settings is None:
+        return None
+    return start_system_metrics(run.run_id, store.tracking.uri, settings, resume=not run.fresh)
 
 
 def _save_evaluation(task: Any, best: Path, path: Path) -> None:
