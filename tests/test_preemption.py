@@ -367,3 +367,45 @@ def test_sigterm_while_testing_keeps_the_fits_checkpoint(tmp_path, uri):
     assert last.stat().st_mtime_ns == before
     info = MlflowClient(uri).get_run(run.run_id)
     assert info.info.status == "KILLED" and "after the fit" in info.data.tags["preempted_0"]
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """SIGTERM at step 17 (epoch 1 of 3, mid-epoch), rerun: the same test figures as the
+    run nobody stopped -- with data-loader workers too, whose first batches would otherwise
+    be drawn before the checkpoint is restored."""
+    from tests.conftest import compose_config
+    from training.stages import run_train
+    from training.task import SegmentationTask
+
+    def config(name: str):
+        out = f"paths.output={tmp_path / name}"
+        return compose_config("train", [*overrides, f"paths.data={tmp_path / 'data'}", out])
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = (
+        "experiment=source_only",
+        "data=smoke",
+        "log_model=false",
+        "risk.enabled=false",
+        "retries=0",
+        "stages.source_only.max_epochs=3",
+        "data.loader.num_workers=2",
+    )
+    whole = run_train(config("whole"))["source_only"].metrics
+    original = SegmentationTask.training_step
+
+    def stopped_at_17(self, batch, batch_idx):
+        if self.global_step == 17:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning stops after this batch
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationTask, "training_step", stopped_at_17)
+    with pytest.raises(preemption.Preempted):
+        run_train(config("cut"))
+    (run_dir,) = (tmp_path / "cut" / "runs").glob("source_only-*")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
+    monkeypatch.setattr(SegmentationTask, "training_step", original)
+    resumed = run_train(config("cut"))["source_only"].metrics
+    for key in ("test/real/miou", "test/sim/miou", "test/real/pixel_acc"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-9), key

@@ -365,17 +365,18 @@ class SimRealDataModule(pl.LightningDataModule):
             yield_epoch=self.augment is not None,
             **self._group_weights(),
             keys=self.keys,
-            start=self._batches_done,
+            position=self._fit_position,
         )
 
-    def _batches_done(self) -> int:
-        """Training batches of the current epoch that Lightning counts as done when the
-        epoch's batches are first drawn: 0, or those before a mid-epoch checkpoint (a
-        preempted fit) that the resumed fit must not draw again."""
+    def _fit_position(self) -> tuple[int, int] | None:
+        """``(epoch, training batches of it done)`` of the running fit when its batches
+        are first drawn -- ``(e, 0)`` at an epoch's start, ``(e, k)`` resumed from a
+        checkpoint saved after ``k`` batches -- or None outside a fit."""
         trainer = self.trainer
         if trainer is None or not getattr(trainer, "training", False):
-            return 0  # iterated outside a fit (a test, a check)
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            return None  # iterated outside a fit (a test, a check)
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return int(trainer.current_epoch), done
 
     def _group_weights(self) -> dict[str, Any]:
         """Per-image sampling weights: condition groups balanced (risk T-08), from the

@@ -271,6 +271,11 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
             a ``set_epoch`` made in the main process once they are running.
         sim_weights: per-sim-image sampling probabilities (group balancing), or None.
         real_weights: per-real-image sampling probabilities, or None.
+        position: ``() -> (epoch, batches done) or None``, read when an epoch's batches
+            are first drawn: the fit's own position (a fit resumed from a mid-epoch
+            checkpoint draws the batches after those it trained on, of the right epoch,
+            even where DataLoader workers draw before the fit sets the epoch); None (or
+            returning None): :meth:`set_epoch`'s epoch from its first batch.
         keys: config keys of ``batch_size``, ``sim_ratio``, ``batches_per_epoch``, ``seed``,
             ``real_fraction``, ``sim_train`` and ``real_train`` for the error messages (see
             the module docstring); default: those names.
@@ -297,7 +302,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
         real_weights: np.ndarray | None = None,
         *,
         keys: Mapping[str, str] | None = None,
-        start: Callable[[], int] | None = None,
+        position: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
         key = _key_namer(keys)
         self.n_sim, self.n_real = batch_composition(batch_size, sim_ratio, keys=keys)
@@ -331,7 +336,7 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
             )
         self.yield_epoch = bool(yield_epoch)
         self.epoch = 0
-        self.start = start
+        self.position = position
         self.sim_weights = _check_weights(sim_weights, self.num_sim, "sim")
         self.real_weights = _check_weights(real_weights, self.num_real, "real")
 
@@ -396,8 +401,10 @@ class ExactRatioBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         epoch = self.epoch  # read once: a set_epoch during iteration must not mix epochs
-        # a fit resumed mid-epoch goes on with the batches after the ones it trained on
-        skip = int(self.start()) if self.start is not None else 0
+        skip = 0
+        where = self.position() if self.position is not None else None
+        if where is not None:  # a fit's own count: a resumed fit goes on mid-epoch
+            epoch, skip = int(where[0]), int(where[1])
         sim, real = self._streams(epoch)
         for g in range(self.rank + skip * self.world_size, self._num_global, self.world_size):
             batch = self._batch(g, sim, real, epoch)

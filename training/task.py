@@ -10,6 +10,7 @@ confusion matrix and a prediction grid per domain as images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -183,7 +184,7 @@ class SegmentationTask(pl.LightningModule):
         all_logits, all_features = self.model.forward_features(self._layout(torch.cat(images)))
         logits, features = all_logits[:bs], all_features[:bs]
         loss = self.task_loss(logits, batch)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
+        total = self._total_steps() if self._trainer else 1
         start = bs
         for name, objective in self.objectives.items():
             extra_logits = extra_features = None
@@ -207,9 +208,21 @@ class SegmentationTask(pl.LightningModule):
                 self.log(f"train/{key}", value, batch_size=bs)
         return loss, logits
 
+    def _total_steps(self) -> int:
+        """The fit's optimizer steps, as ``trainer.estimated_stepping_batches`` counts them,
+        from the data module's ``batches_per_epoch`` when it has one: Lightning's estimate
+        builds the training loader, and one with workers, built before a checkpoint is
+        restored, prefetches epoch 0's batches into the resumed epoch."""
+        trainer = self.trainer
+        per_epoch = getattr(getattr(trainer, "datamodule", None), "batches_per_epoch", None)
+        limited = trainer.limit_train_batches not in (None, 1.0) or trainer.max_steps != -1
+        if not isinstance(per_epoch, int) or limited or (trainer.max_epochs or 0) < 1:
+            return int(trainer.estimated_stepping_batches)
+        return math.ceil(per_epoch / trainer.accumulate_grad_batches) * int(trainer.max_epochs)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._total_steps()
         warmup = int(self.warmup_fraction * total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, partial(warmup_cosine, total_steps=total, warmup_steps=warmup)
