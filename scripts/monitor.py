@@ -3,7 +3,6 @@ the challenger on a share of the frames (action=ab); see configs/monitor.yaml.""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from training.risk.traffic import (
     split_traffic,
     write_report,
 )
-from training.tracking import tracking_uri
+from training.tracking import existing_store_uri
 
 #: ``action=`` values: check (and retrain), rollback, ab (the A/B on traffic).
 ACTIONS = ("check", "rollback", "ab")
@@ -59,13 +58,7 @@ def run_monitor(cfg: DictConfig) -> None:
             traffic.apply,
         )
     output = Path(str(cfg.paths.output))
-    store = output / "mlflow.db"
-    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or store.exists()):
-        raise ConfigError(
-            f"paths.output: no MLflow store at {store}: run the main job first (python "
-            "scripts/pipeline.py), or pass the paths.output it wrote to"
-        )
-    uri = tracking_uri(output, cfg.tracking.uri, create=False)
+    uri = existing_store_uri(output, cfg.tracking.uri)
     name = resolve_model(uri, cfg.registry.name)
     if cfg.action == "rollback":
         version = ModelRegistry(uri, name=name).rollback("scripts/monitor.py")

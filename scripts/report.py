@@ -3,7 +3,6 @@ review (risk T-08, section 5.3); see configs/report.yaml and docs/review-cycle.m
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from training.risk.audit import (
     render_audit,
 )
 from training.risk.registry import RegistryError
-from training.tracking import tracking_uri
+from training.tracking import existing_store_uri
 
 # before anything imports mlflow (telemetry is decided on import); the user's values win
 apply_env_defaults()
@@ -43,13 +42,7 @@ def run_report(cfg: DictConfig, now: datetime | None = None) -> Path:
     )
     if target.is_dir():
         raise ConfigError(f"output_file: {target} is a folder; expected an .html file path")
-    store = output / "mlflow.db"
-    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or store.exists()):
-        raise ConfigError(
-            f"paths.output: no MLflow store at {store}: run the main job first (python "
-            "scripts/pipeline.py), or pass the paths.output it wrote to"
-        )
-    uri = tracking_uri(output, cfg.tracking.uri, create=False)
+    uri = existing_store_uri(output, cfg.tracking.uri)
     model = check_model(uri, cfg.registry.name)
     since = period_start(now, review, None if since_days is None else int(since_days))
     report = build_report(uri, model, review, since, now)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from core.config import ConfigError
-from tests.conftest import compose_config
 from training.adversarial import AdversarialTraining, adversarial_training
 from training.losses import SegmentationLoss
 from training.task import SegmentationTask
@@ -190,13 +189,10 @@ def test_bad_settings_name_the_key(node, message):
 
 
 def _plan(tmp_path, *overrides):
+    from tests.test_train import smoke_config
     from training.stages import check_config
 
-    cfg = compose_config(
-        "train",
-        ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
-         f"paths.output={tmp_path / 'out'}", *overrides],
-    )  # fmt: skip
+    cfg = smoke_config(tmp_path, *overrides)
     return cfg, check_config(cfg)
 
 

@@ -12,12 +12,9 @@ from training.stages import check_config
 
 
 def plan(tmp_path, *overrides):
-    cfg = compose_config(
-        "train",
-        ["experiment=smoke", f"paths.data={tmp_path / 'data'}",
-         f"paths.output={tmp_path / 'out'}", *overrides],
-    )  # fmt: skip
-    return check_config(cfg)
+    from tests.test_train import smoke_config
+
+    return check_config(smoke_config(tmp_path, *overrides))
 
 
 def cyclegan_keys(p):

@@ -40,6 +40,21 @@ def tracking_uri(
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def existing_store_uri(output_dir: str | os.PathLike[str], configured: str | None = None) -> str:
+    """:func:`tracking_uri` of a store that must already exist (the scripts that read what
+    training wrote); a :class:`~core.config.ConfigError` naming ``paths.output`` when it
+    would be a local SQLite store that is not there."""
+    from core.config import ConfigError
+
+    store = Path(output_dir) / "mlflow.db"
+    if not (configured or os.environ.get("MLFLOW_TRACKING_URI") or store.exists()):
+        raise ConfigError(
+            f"paths.output: no MLflow store at {store}: run the main job first (python "
+            "scripts/pipeline.py), or pass the paths.output it wrote to"
+        )
+    return tracking_uri(output_dir, configured, create=False)
+
+
 #: Where the lock that serializes creating a local SQLite store lies, next to the database.
 STORE_LOCK = Path("locks") / "mlflow-store.lock"
 

@@ -77,7 +77,7 @@ def assess_risk(
     wall_seconds: float,
     devices: int,
     gpu: Any,
-    screening: Mapping[str, float] | None,
+    earlier: Mapping[str, float] | None,
     references: Mapping[str, float] | None,
     datasets: Mapping[str, Any] | None = None,
     throughput: Any = None,
@@ -93,7 +93,8 @@ def assess_risk(
         metrics: the stage's test figures.
         wall_seconds, devices: training time over all sessions and processes (O-01).
         gpu: the stage's GPU monitor (T-04) or None.
-        screening, references: figures measured before (T-10, O-02); T-09's references.
+        earlier: figures measured before, published with these (T-10 screening, O-02).
+        references: T-09's reference mIoUs.
         datasets: the datasets the stage read, by role (T-07).
         throughput: the stage's :class:`~training.risk.throughput.ThroughputMeter` (T-03),
             None when it did not train in this session.
@@ -106,7 +107,7 @@ def assess_risk(
         robustness_figures,
     )
 
-    extra = dict(screening or {})
+    extra = dict(earlier or {})
     tags: dict[str, str] = {}
     if gpu is not None:
         extra.update(gpu.metrics())

@@ -377,7 +377,7 @@ def _fit_and_evaluate(
                 wall_seconds=run.wall_seconds,
                 devices=store.world_size,
                 gpu=gpu,
-                screening={**screening, **_risk_figures(registered)},
+                earlier={**screening, **_risk_figures(registered)},
                 references=references,
                 datasets=datasets,
                 throughput=throughput,
