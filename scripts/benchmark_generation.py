@@ -1,13 +1,17 @@
 """Benchmark of data generation: frames/s in memory and written to disk with the manifest.
 
     python scripts/benchmark_generation.py                       # 128x256, full preset
-    python scripts/benchmark_generation.py --compile             # torch.compile'd kernels
+    python scripts/benchmark_generation.py --kernels fused       # one path only
+    python scripts/benchmark_generation.py --compile             # + torch.compile'd kernels
     python scripts/benchmark_generation.py --frames 2000 --preset light
     python scripts/benchmark_generation.py --preset appearance --photo-preset camera_world
 
-Prints one row per (style, stage). "memory" times ``backend.render`` alone; "disk" times
-the whole ``generate`` path: rendering, atomic shard writes with checksums, manifest,
-card and contact sheet. Warm-up batches are rendered first and not timed.
+Prints one row per (style, passes, stage), the passes side by side in one run: ``torch``
+(the tensor kernels), ``compiled`` (the same through torch.compile, with ``--compile``)
+and ``fused`` (the compiled C loops, where ``pip install`` built them). "sample" times
+the scene-parameter sampling alone, "memory" ``backend.render`` (sampling included),
+"disk" the whole ``generate`` path: rendering, atomic shard writes with checksums,
+manifest, card and contact sheet. Warm-up batches are rendered first and not timed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from omegaconf import OmegaConf
 from core.paths import config_dir
 from simulation.dataset import DatasetWriter
 from simulation.generation import generate_shards
-from simulation.procedural import ProceduralBackend
+from simulation.procedural import ProceduralBackend, fused
 
 CONFIGS = config_dir()
 
@@ -45,8 +49,18 @@ def main() -> None:
     ap.add_argument("--styles", nargs="+", default=["sim", "photo"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--shard-size", type=int, default=256)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the kernels")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the kernels")
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["torch", "fused"] if fused.available() else ["torch"],
+        choices=["torch", "fused"],
+        help="the per-pixel passes to time (default: both, where fused was built)",
+    )
     args = ap.parse_args()
+    if "fused" in args.kernels and not fused.available():
+        ap.error("--kernels fused: the compiled passes were not built by pip install here")
+    paths = [(k, False) for k in args.kernels] + ([("torch", True)] if args.compile else [])
 
     taxonomy = instantiate(OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml"))
     presets = {"sim": args.preset, "photo": args.photo_preset or args.preset}
@@ -55,30 +69,38 @@ def main() -> None:
         f"# {date.today()} {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"{args.frames} frames {args.height}x{args.width}, presets {presets}, "
-        f"batch {args.batch_size}, compile={args.compile}"
+        f"batch {args.batch_size}"
     )
-    print(f"{'style':6s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
+    print(f"{'style':6s} {'passes':8s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
     for style in args.styles:
-        backend = ProceduralBackend(
-            randomizers[style],
-            taxonomy,
-            seed=0,
-            height=args.height,
-            width=args.width,
-            style=style,
-            batch_size=args.batch_size,
-            compile=args.compile,
-        )
-        backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up (and compile)
+        randomizer = randomizers[style]
         start = time.perf_counter()
-        for lo in range(0, args.frames, args.shard_size):
-            backend.render(list(range(lo, min(lo + args.shard_size, args.frames))))
-        _row(style, "memory", args.frames, time.perf_counter() - start)
-        with tempfile.TemporaryDirectory() as tmp:
-            writer = DatasetWriter(Path(tmp) / "ds", args.frames, args.shard_size, {"b": 1})
+        for i in range(args.frames):
+            randomizer.sample(0, i)
+        _row(style, "-", "sample", args.frames, time.perf_counter() - start)
+        for kernels, compiled in paths:
+            backend = ProceduralBackend(
+                randomizer,
+                taxonomy,
+                seed=0,
+                height=args.height,
+                width=args.width,
+                style=style,
+                batch_size=args.batch_size,
+                compile=compiled,
+                kernels=kernels,
+            )
+            name = "compiled" if compiled else kernels
+            backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up (and compile)
             start = time.perf_counter()
-            result = generate_shards(backend, writer, writer.open(), taxonomy, progress=False)
-            _row(style, "disk", result.frames, time.perf_counter() - start)
+            for lo in range(0, args.frames, args.shard_size):
+                backend.render(list(range(lo, min(lo + args.shard_size, args.frames))))
+            _row(style, name, "memory", args.frames, time.perf_counter() - start)
+            with tempfile.TemporaryDirectory() as tmp:
+                writer = DatasetWriter(Path(tmp) / "ds", args.frames, args.shard_size, {"b": 1})
+                start = time.perf_counter()
+                result = generate_shards(backend, writer, writer.open(), taxonomy, progress=False)
+                _row(style, name, "disk", result.frames, time.perf_counter() - start)
 
 
 def _preset(name: str):
@@ -88,8 +110,9 @@ def _preset(name: str):
     return OmegaConf.load(CONFIGS / f"randomization/{name}.yaml")
 
 
-def _row(style: str, stage: str, frames: int, seconds: float) -> None:
-    print(f"{style:6s} {stage:7s} {frames / seconds:9.1f} {1000 * seconds / frames:9.2f}")
+def _row(style: str, passes: str, stage: str, frames: int, seconds: float) -> None:
+    rate, ms = frames / seconds, 1000 * seconds / frames
+    print(f"{style:6s} {passes:8s} {stage:7s} {rate:9.1f} {ms:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from simulation.frames import FrameBatch
+from simulation.procedural import fused
 from simulation.procedural.renderer import ProceduralRenderer
 from simulation.procedural.styles import get_style
 from simulation.randomization import DomainRandomizer
 from simulation.taxonomy import Taxonomy
 
-#: Bumped whenever the same parameters would render different pixels.
-RENDERER_VERSION = "1"
+#: Bumped whenever the same parameters would render different pixels; the backend's
+#: ``version`` adds the passes (``-fused`` or ``-torch``), which agree within float rounding.
+RENDERER_VERSION = "2"
+
+
+def resolve_kernels(kernels: str, compile: bool = False) -> str:
+    """``backend.kernels`` (``auto``, ``fused`` or ``torch``) as the passes that will run."""
+    if kernels not in ("auto", "fused", "torch"):
+        raise ValueError(f"backend.kernels: expected auto, fused or torch, got {kernels!r}")
+    if kernels == "fused" and compile:
+        raise ValueError(
+            "backend.compile: torch.compile applies to the tensor kernels only; "
+            "set backend.kernels=torch with it, or drop backend.compile"
+        )
+    if kernels == "auto":
+        return "fused" if fused.available() and not compile else "torch"
+    if kernels == "fused" and not fused.available():
+        raise ValueError(
+            "backend.kernels: fused needs the compiled passes (simulation/procedural/_fused.c), "
+            "which this install lacks: `pip install` found no C compiler. Use "
+            "backend.kernels=auto or torch, or reinstall with a C compiler"
+        )
+    return kernels
 
 
 class ProceduralBackend:
@@ -26,8 +50,14 @@ class ProceduralBackend:
         height, width: image size in pixels (positive).
         style: ``"sim"`` or ``"photo"``.
         batch_size: frames rendered together (peak memory about 2 MB per 128x256 frame).
-        compile: fuse the per-pixel kernels with ``torch.compile`` (about 2.5x faster on
-            CPU after a one-off compilation of 10-60 s; worth it for thousands of frames).
+        compile: run the tensor kernels through ``torch.compile`` (after a one-off
+            compilation of 10-60 s); only with ``kernels: torch``.
+        kernels: how the per-pixel passes run. ``fused``: compiled C loops
+            (:mod:`.fused`, built by ``pip install`` where a C compiler is found),
+            several times faster; ``torch``: the tensor kernels of :mod:`.kernels`;
+            ``auto`` (default): ``fused`` where it was built (and ``compile`` is off),
+            else ``torch``. The two agree to within float rounding; the frames' records
+            and the dataset card name the one used (``backend_version``).
     """
 
     name = "procedural"
@@ -42,6 +72,7 @@ class ProceduralBackend:
         style: str = "sim",
         batch_size: int = 64,
         compile: bool = False,
+        kernels: str = "auto",
     ) -> None:
         for key, value in (("image.height", height), ("image.width", width)):
             if not isinstance(value, int) or value <= 0:
@@ -62,8 +93,15 @@ class ProceduralBackend:
                 f"this look; the {self.style.name} style cannot sample it (set its weight to 0)"
             )
         self.batch_size = batch_size
+        self._pool: ThreadPoolExecutor | None = None
+        self.kernels = resolve_kernels(kernels, bool(compile))
         self.renderer = ProceduralRenderer(
-            height, width, self.style, {c: i for i, c in enumerate(taxonomy.classes)}, compile
+            height,
+            width,
+            self.style,
+            {c: i for i, c in enumerate(taxonomy.classes)},
+            compile,
+            self.kernels,
         )
         from importlib.metadata import PackageNotFoundError, version
 
@@ -71,35 +109,58 @@ class ProceduralBackend:
             pkg = version("sim2real-drive")
         except PackageNotFoundError:  # running from a source tree
             pkg = "dev"
-        self.version = f"{pkg}+renderer{RENDERER_VERSION}"
+        self.version = f"{pkg}+renderer{RENDERER_VERSION}-{self.kernels}"
 
     def render(self, indices: Sequence[int]) -> FrameBatch:
-        """Render the frames with these dataset indices."""
-        images, masks, records = [], [], []
-        for start in range(0, len(indices), self.batch_size):
-            chunk = [int(i) for i in indices[start : start + self.batch_size]]
-            params = [self.style.adjust(self.randomizer.sample(self.seed, i)) for i in chunk]
-            keys = [(self.seed, i) for i in chunk]
-            img, mask = self.renderer.render(params, keys)
-            images.append((img.permute(0, 2, 3, 1) * 255.0 + 0.5).clamp_(0, 255).byte().numpy())
-            masks.append(mask)
-            records.extend(
-                {
-                    "index": i,
-                    "seed": self.seed,
-                    "backend": self.name,
-                    "backend_version": self.version,
-                    "style": self.style.name,
-                    "map": p.map,
-                    "group": p.group,
-                    "params": p.to_dict(),
-                }
-                for i, p in zip(chunk, params, strict=True)
-            )
-        return FrameBatch(np.concatenate(images), np.concatenate(masks), records)
+        """Render the frames with these dataset indices.
+
+        With the fused passes and more than one thread, pieces of the request render on
+        that many Python threads at once, each pass on one core: the compiled loops run
+        without the GIL, so one thread's loops overlap another's parameter sampling and
+        layout. Frames depend only on their index, so the output is the same.
+        """
+        indices = [int(i) for i in indices]
+        workers = torch.get_num_threads() if self.kernels == "fused" else 1
+        step = max(1, min(self.batch_size, -(-len(indices) // max(workers, 1))))
+        pieces = [indices[s : s + step] for s in range(0, len(indices), step)]
+        if workers > 1 and len(pieces) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="render")
+            parts = list(self._pool.map(lambda piece: self._render(piece, 1), pieces))
+        else:
+            parts = [self._render(piece, None) for piece in pieces]
+        return FrameBatch(
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            [rec for p in parts for rec in p[2]],
+        )
+
+    def _render(self, chunk: list[int], threads: int | None):
+        """``(images (n, H, W, 3) uint8, masks (n, H, W) uint8, records)`` of ``chunk``."""
+        params = [self.style.adjust(self.randomizer.sample(self.seed, i)) for i in chunk]
+        keys = [(self.seed, i) for i in chunk]
+        img, mask = self.renderer.render(params, keys, threads)
+        image = (img.permute(0, 2, 3, 1) * 255.0 + 0.5).clamp_(0, 255).byte().numpy()
+        records = [
+            {
+                "index": i,
+                "seed": self.seed,
+                "backend": self.name,
+                "backend_version": self.version,
+                "style": self.style.name,
+                "map": p.map,
+                "group": p.group,
+                "params": p.to_dict(),
+            }
+            for i, p in zip(chunk, params, strict=True)
+        ]
+        return image, mask, records
 
     def prepare(self) -> None:
         """Nothing to connect to: the procedural backend is always ready."""
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the render threads, if any were started."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

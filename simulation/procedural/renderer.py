@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simulation.procedural import camera_effects, kernels, textures
+from simulation.procedural import camera_effects, fused, kernels, textures
 from simulation.procedural.kernels import (
     M_BUILDING,
     M_FENCE,
@@ -97,8 +97,10 @@ class ProceduralRenderer:
         height, width: image size in pixels.
         style: appearance (:mod:`.styles`).
         class_index: ``{class name: taxonomy index}`` for the classes this renderer draws.
-        compile: run the per-pixel kernels through ``torch.compile`` (faster for long runs,
+        compile: run the tensor kernels through ``torch.compile`` (faster for long runs,
             costs a one-off compilation of tens of seconds).
+        passes: ``"fused"`` runs the per-pixel passes as compiled C loops
+            (:mod:`.fused`), ``"torch"`` as the tensor kernels of :mod:`.kernels`.
     """
 
     def __init__(
@@ -108,7 +110,16 @@ class ProceduralRenderer:
         style: Style,
         class_index: dict[str, int],
         compile: bool = False,
+        passes: str = "torch",
     ):
+        if passes not in ("torch", "fused"):
+            raise ValueError(f"backend.kernels: expected auto, fused or torch, got {passes!r}")
+        if passes == "fused" and not fused.available():
+            raise ValueError(
+                "backend.kernels: fused needs the compiled passes, which this install lacks "
+                "(no C compiler at `pip install` time); use auto or torch"
+            )
+        self.passes = passes
         missing = [c for c in REQUIRED_CLASSES if c not in class_index]
         if missing:
             raise ValueError(f"taxonomy: the procedural backend needs classes {missing}")
@@ -154,13 +165,17 @@ class ProceduralRenderer:
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
     def render(
-        self, params: Sequence[SceneParams], keys: Sequence[tuple[int, int]]
+        self,
+        params: Sequence[SceneParams],
+        keys: Sequence[tuple[int, int]],
+        threads: int | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Render frames.
 
         Args:
             params: ``N`` scenes (already adjusted by the style).
             keys: ``N`` ``(seed, index)`` pairs fixing each frame's layout and noise.
+            threads: OpenMP threads of the fused passes (default: torch's thread count).
 
         Returns:
             ``(images (N, 3, H, W) float in [0, 1], masks (N, H, W) uint8)``.
@@ -176,8 +191,122 @@ class ProceduralRenderer:
         ]
         tex_off = torch.from_numpy(np.array([r.uniform(0, 256, size=2) for r in rngs], np.float32))
         g = _Geometry(params, h, w)
-        k = self._kernels
         noise = kernels.value_noise()
+        surfaces = self._surfaces_fused if self.passes == "fused" else self._surfaces_torch
+        depth, label, surface, height_m, emissive, albedo, puddle = surfaces(
+            params, streets, tex_off, g, keys, noise, threads
+        )
+        # upright objects, z-tested against the background (numpy views share memory)
+        depth_np, label_np = depth.numpy(), label.numpy()
+        albedo_np, emissive_np = albedo.numpy(), emissive.numpy()
+        before = depth_np.copy()
+        sprites = self._project(objects, g)
+        tile = None
+        if sprites.texture is not None and (sprites.texture > 0).any():
+            tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
+        decal = sprites.decal
+        if decal.any():
+            rasterize(
+                _select(sprites, decal),
+                depth_np,
+                label_np,
+                albedo_np,
+                emissive_np,
+                self._parts,
+                True,
+            )
+            sprites = _select(sprites, ~decal)
+        rasterize(sprites, depth_np, label_np, albedo_np, emissive_np, self._parts, tile=tile)
+        upright = torch.from_numpy(depth_np != before)
+        surface[upright] = S_UPRIGHT
+        height_m[upright] = 1.0
+        wx = torch.tensor(
+            [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
+        )
+        light_k = torch.tensor(
+            [[p.appearance.sun_intensity, p.appearance.ambient_intensity] for p in params],
+            dtype=torch.float32,
+        )
+        streaks = self._streak_offsets(params, keys)
+        if self.passes == "fused":
+            table = torch.tensor([s or (-1, 0, 0) for s in streaks], dtype=torch.int32)
+            buffers = {"albedo": albedo, "surface": surface, "emissive": emissive}
+            buffers.update(depth=depth, height=height_m, puddle=puddle)
+            image = fused.shade(
+                g.dx.reshape(len(params), w),
+                g.yw.reshape(len(params), h),
+                g.zw.reshape(len(params), h),
+                wx,
+                light_k,
+                noise,
+                buffers,
+                torch.stack([_rain_streaks(slant) for slant in range(3)]),
+                table.view(len(params), 3),
+                threads,
+            )
+        else:
+            image = self._kernels["shade"](
+                albedo,
+                surface,
+                emissive,
+                depth,
+                height_m,
+                puddle,
+                g.dx,
+                g.yw,
+                g.zw,
+                wx,
+                self._streaks(streaks),
+                noise,
+                light_k,
+            )
+            image = image.permute(0, 3, 1, 2).contiguous()
+        image = camera_effects.apply(image, self.style, keys)
+        if self.passes == "fused":
+            image = fused.sensor(image.contiguous(), [p.sensor for p in params], keys, threads)
+            image, label = fused.roll(image, label.contiguous(), g.roll.contiguous(), threads)
+        else:
+            image = apply_sensor_effects(image, [p.sensor for p in params], keys)
+            image, label = self._roll(image, label, g.roll)
+        return image.clamp_(0.0, 1.0), label.numpy()
+
+    @staticmethod
+    def _streak_offsets(params: Sequence[SceneParams], keys) -> list[tuple[int, int, int] | None]:
+        """Per frame, the rain-streak field (0..2, slanted by the wind) and its row and
+        column offset; ``None`` without rain."""
+        out = []
+        for p, (seed, index) in zip(params, keys, strict=True):
+            if p.weather.precipitation <= 0:
+                out.append(None)
+                continue
+            slant = min(2, int(p.weather.wind_intensity // 34))
+            fh, fw = _rain_streaks(slant).shape
+            r = np.random.default_rng([int(seed), int(index), 0x4A1])
+            out.append((slant, int(r.integers(0, fh)), int(r.integers(0, fw))))
+        return out
+
+    def _streaks(self, offsets: Sequence[tuple[int, int, int] | None]) -> torch.Tensor:
+        """``(N, H, W)`` rain-streak intensity (zeros without rain) at ``offsets``."""
+        h, w = self.height, self.width
+        streak = torch.zeros(len(offsets), h, w)
+        for i, entry in enumerate(offsets):
+            if entry is None:
+                continue
+            slant, oy, ox = entry
+            field = _rain_streaks(slant)
+            # the crop of the field rolled by (oy, ox), tiled where the image is larger
+            rows = (torch.arange(h) - oy) % field.shape[0]
+            cols = (torch.arange(w) - ox) % field.shape[1]
+            streak[i] = field[rows[:, None], cols[None, :]]
+        return streak
+
+    # --------------------------------------------------------------- surfaces
+    def _surfaces_torch(self, params, streets, tex_off, g: _Geometry, keys, noise, threads):
+        """The background, albedo and appearance passes as tensor kernels (:mod:`.kernels`).
+
+        Returns ``depth, label, surface, height, emissive, albedo, puddle`` (see
+        :func:`fused.surfaces` for their shapes)."""
+        k = self._kernels
         depth, label, material, surface, height_m, tex_u, tex_v, emissive = k["background"](
             g.dx,
             g.yw,
@@ -214,74 +343,82 @@ class ProceduralRenderer:
             noise,
         )
         albedo = self._appearance(params, albedo, material, surface, depth, tex_u, tex_v, g, keys)
-        # upright objects, z-tested against the background (numpy views share memory)
-        depth_np, label_np = depth.numpy(), label.numpy()
-        albedo_np, emissive_np = albedo.numpy(), emissive.numpy()
-        before = depth_np.copy()
-        sprites = self._project(objects, g)
-        tile = None
-        if sprites.texture is not None and (sprites.texture > 0).any():
-            tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
-        decal = sprites.decal
-        if decal.any():
-            rasterize(
-                _select(sprites, decal),
-                depth_np,
-                label_np,
-                albedo_np,
-                emissive_np,
-                self._parts,
-                True,
-            )
-            sprites = _select(sprites, ~decal)
-        rasterize(sprites, depth_np, label_np, albedo_np, emissive_np, self._parts, tile=tile)
-        upright = torch.from_numpy(depth_np != before)
-        surface[upright] = S_UPRIGHT
-        height_m[upright] = 1.0
-        wx = torch.tensor(
-            [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
-        )
-        streak = self._streaks(params, keys)
-        light_k = torch.tensor(
-            [[p.appearance.sun_intensity, p.appearance.ambient_intensity] for p in params],
-            dtype=torch.float32,
-        )
-        image = k["shade"](
-            albedo,
-            surface,
-            emissive,
-            depth,
-            height_m,
-            puddle,
-            g.dx,
-            g.yw,
-            g.zw,
-            wx,
-            streak,
-            noise,
-            light_k,
-        )
-        image = image.permute(0, 3, 1, 2).contiguous()
-        image = camera_effects.apply(image, self.style, keys)
-        image = apply_sensor_effects(image, [p.sensor for p in params], keys)
-        image, label = self._roll(image, label, g.roll)
-        return image.clamp_(0.0, 1.0), label.numpy()
+        return depth, label, surface, height_m, emissive, albedo, puddle
 
-    def _streaks(self, params: Sequence[SceneParams], keys) -> torch.Tensor:
-        """``(N, H, W)`` rain-streak intensity (zeros without rain), slanted by the wind."""
-        h, w = self.height, self.width
-        streak = torch.zeros(len(params), h, w)
-        for i, (p, (seed, index)) in enumerate(zip(params, keys, strict=True)):
-            if p.weather.precipitation <= 0:
-                continue
-            field = _rain_streaks(min(2, int(p.weather.wind_intensity // 34)))
-            r = np.random.default_rng([int(seed), int(index), 0x4A1])
-            oy, ox = int(r.integers(0, field.shape[0])), int(r.integers(0, field.shape[1]))
-            # the crop of the field rolled by (oy, ox), tiled where the image is larger
-            rows = (torch.arange(h) - oy) % field.shape[0]
-            cols = (torch.arange(w) - ox) % field.shape[1]
-            streak[i] = field[rows[:, None], cols[None, :]]
-        return streak
+    def _surfaces_fused(self, params, streets, tex_off, g: _Geometry, keys, noise, threads):
+        """:meth:`_surfaces_torch` as one compiled loop (:func:`fused.surfaces`)."""
+        n, h, w = len(params), self.height, self.width
+        strength = [p.appearance.texture_strength for p in params]
+        tinted = [any(t != (1.0, 1.0, 1.0) for t in p.appearance.tints) for p in params]
+        appearance = any(strength) or any(tinted)
+        offsets = np.zeros((n, 2))
+        if any(strength):
+            for i, (seed, index) in enumerate(keys):
+                r = np.random.default_rng([int(seed), int(index), 0x7E7])
+                offsets[i] = r.uniform(0, textures.S, size=2)
+        cols = {
+            "cam_h": g.cam_h,
+            "c0": g.c0,
+            "ty": g.ty,
+            "a": g.a,
+            "dash_phase": g.dash_phase,
+            "left_edge": [s.left_edge for s in streets],
+            "right_edge": [s.right_edge for s in streets],
+            "sidewalk_width": [p.road.sidewalk_width_m for p in params],
+            "lane_width": [p.road.lane_width_m for p in params],
+            "lanes": [p.road.lanes for p in params],
+            "frontage_left": [s.frontage_left for s in streets],
+            "frontage_right": [s.frontage_right for s in streets],
+            "block_len": [s.block_len for s in streets],
+            "phase_left": [s.phase[0] for s in streets],
+            "phase_right": [s.phase[1] for s in streets],
+            "tex_off_u": tex_off[:, 0],
+            "tex_off_v": tex_off[:, 1],
+            "wetness": [p.weather.wetness / 100.0 for p in params],
+            "deposits": [p.weather.precipitation_deposits / 100.0 for p in params],
+            "focal": g.f,
+            "texture_strength": strength,
+            "texture_scale": [p.appearance.texture_scale for p in params],
+            "texture_off_a": offsets[:, 0],
+            "texture_off_b": offsets[:, 1],
+        }
+        table = [np.asarray(cols[c], np.float32).reshape(n) for c in fused.FRAME_COLUMNS]
+        frame = torch.from_numpy(np.ascontiguousarray(np.stack(table, 1)))
+        blocks = {
+            k: torch.from_numpy(np.ascontiguousarray(np.stack([getattr(s, k) for s in streets])))
+            for k in ("kind", "top", "color")
+        }
+        surf = torch.tensor(MATERIAL_SURFACE)
+        family = torch.zeros(n, NUM_MATERIALS, dtype=torch.int32)
+        tints = torch.ones(n, NUM_MATERIALS, 3)
+        if any(strength):
+            fam = torch.tensor(
+                [[textures.FAMILY_ID[f] for f in p.appearance.textures] for p in params]
+            )
+            family = torch.cat([fam, torch.zeros(n, 1, dtype=fam.dtype)], 1)[:, surf]
+        if any(tinted):
+            t = torch.tensor([p.appearance.tints for p in params], dtype=torch.float32)
+            tints = torch.cat([t, torch.ones(n, 1, 3)], 1)[:, surf]
+        out = fused.surfaces(
+            g.dx.reshape(n, w).contiguous(),
+            g.yw.reshape(n, h).contiguous(),
+            g.zw.reshape(n, h).contiguous(),
+            frame,
+            blocks["kind"].to(torch.int32),
+            blocks["top"].to(torch.float32),
+            blocks["color"].to(torch.int32),
+            torch.tensor(self._classes, dtype=torch.int32),
+            self._palette,
+            float(self.style.texture),
+            noise,
+            textures.tiles(),
+            appearance,
+            family.to(torch.int32).contiguous(),
+            tints.contiguous(),
+            threads,
+        )
+        keys_ = ("depth", "label", "surface", "height", "emissive", "albedo", "puddle")
+        return tuple(out[k] for k in keys_)
 
     # ------------------------------------------------------------ appearance
     def _appearance(self, params, albedo, material, surface, depth, tex_u, tex_v, g, keys):

@@ -253,6 +253,15 @@ def part_colors(style_colors: dict[int, tuple[float, float, float]]) -> np.ndarr
 SPRITE_COLOURED = {BODY: 1.0, SIGN: 1.0, CANOPY: 1.0, PANTS: 0.45}
 
 
+def rank_in_frame(frame: np.ndarray) -> np.ndarray:
+    """Each sprite's position among the sprites of its own frame (0, 1, ...), in order."""
+    order = np.argsort(frame, kind="stable")
+    ordered = frame[order]
+    rank = np.empty(len(frame), np.int64)
+    rank[order] = np.arange(len(frame)) - np.searchsorted(ordered, ordered, side="left")
+    return rank
+
+
 def rasterize(
     sprites: Sprites,
     depth: np.ndarray,
@@ -324,10 +333,12 @@ def rasterize(
     if tile is not None and sprites.texture is not None:
         m = (part == CANOPY) & (sprites.texture[sid] > 0)
         if m.any():
-            # the crown spans half a tile; each sprite reads its own corner of it
+            # the crown spans half a tile; each sprite reads its own corner of it, chosen
+            # by its rank within its frame (never its place in the batch)
             n_t, sm = tile.shape[0], sid[m]
-            fy = (row[m] + 0.5 - sprites.v0[sm]) / sprites.h[sm] * (n_t / 2) + sm * 37
-            fx = (col[m] + 0.5 - sprites.u0[sm]) / sprites.w[sm] * (n_t / 2) + sm * 91
+            rank = rank_in_frame(sprites.frame)[sm]
+            fy = (row[m] + 0.5 - sprites.v0[sm]) / sprites.h[sm] * (n_t / 2) + rank * 37
+            fx = (col[m] + 0.5 - sprites.u0[sm]) / sprites.w[sm] * (n_t / 2) + rank * 91
             t = tile[fy.astype(np.int64) % n_t, fx.astype(np.int64) % n_t]
             colors[m] *= (1.0 + sprites.texture[sm] * (t - 0.5) * 1.6)[:, None]
     albedo.reshape(-1, 3)[flat] = colors

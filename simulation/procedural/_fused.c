@@ -1,0 +1,595 @@
+/* The procedural renderer's two per-pixel passes, fused into one loop each.
+ *
+ * The same maths as simulation/procedural/kernels.py (background + albedo + the
+ * appearance textures, then shade + sky), written once per pixel instead of one
+ * tensor pass per operation, with early exits: sky rows skip the ground, pixels no
+ * frontage hits skip the facade work, non-sky pixels skip the sky. Frames are
+ * independent, so OpenMP splits a batch by frame and the output does not depend on
+ * the thread count. Every product is written in the order kernels.py evaluates it,
+ * in float32; the remaining differences are the last bits of sinf/expf/log2f against
+ * torch's vectorized versions (tests/test_fused.py bounds them).
+ *
+ * Loaded with ctypes (simulation/procedural/fused.py), which releases the GIL during
+ * the call; the module init below only lets setuptools build it as an extension.
+ * Compile with -ffp-contract=off (a fused multiply-add would round differently) and
+ * never with -ffast-math (it would fold the rounding tricks below).
+ *
+ * Shapes: n frames of h x w pixels; per-frame scalars in `frame` (FRAME_COLS each);
+ * rays dx (n, w), yw and zw (n, h); buffers (n, h, w) and albedo (n, h, w, 3);
+ * the image (n, 3, h, w).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FAR 1.0e4f
+#define NUM_BLOCKS 16
+#define NUM_MATERIALS 16
+#define TILE 256 /* value noise and texture tiles: TILE x TILE, a power of two */
+#define MASK (TILE - 1)
+#define STREAK_H 256
+#define STREAK_W 512
+
+enum { M_SKY, M_ROAD, M_MARK, M_SIDEWALK, M_TERRAIN, M_FENCE, M_WINDOW, M_BUILDING };
+#define M_VEG 13
+enum { S_SKY, S_GROUND, S_LEFT, S_RIGHT, S_UPRIGHT };
+enum { BUILDING = 1, TREES = 2 };
+
+/* Columns of `frame`: the order fused.FRAME_COLUMNS names. */
+enum {
+    F_CAM_H, F_C0, F_TY, F_A, F_DASH, F_LE, F_RE, F_SW, F_LW, F_LANES,
+    F_FRONT_L, F_FRONT_R, F_BLEN, F_PHASE_L, F_PHASE_R, F_TEX_U, F_TEX_V,
+    F_WET, F_DEPOSITS, F_FOCAL, F_STRENGTH, F_SCALE, F_OFF_A, F_OFF_B, FRAME_COLS
+};
+/* Columns of `wx`: kernels.WEATHER_COLUMNS. */
+enum {
+    W_CLOUD, W_PRECIP, W_SUN_AZ, W_SUN_ALT, W_FOG_DENSITY, W_FOG_DIST, W_FOG_FALLOFF,
+    W_SCATTER, W_MIE, W_RAYLEIGH, W_DUST, W_WIND, W_WETNESS, W_DEPOSITS, WX_COLS
+};
+
+static inline float clampf(float x, float lo, float hi) {
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+static inline float maxf(float x, float lo) { return x < lo ? lo : x; }
+static inline float minf(float x, float hi) { return x > hi ? hi : x; }
+
+/* floor, truncation and round-half-to-even without a libm call (baseline x86-64 has
+ * no rounding instruction); exact for |x| < 2^22, and beyond that (where every float
+ * is whole, or a cast would overflow) the libm function. */
+#define EXACT_INT 4194304.0f
+static inline float floor_fast(float x) {
+    if (!(fabsf(x) < EXACT_INT)) return floorf(x);
+    const float t = (float)(int)x;
+    return t > x ? t - 1.0f : t;
+}
+static inline float trunc_fast(float x) {
+    return fabsf(x) < EXACT_INT ? (float)(int)x : truncf(x);
+}
+static inline float rint_fast(float x) { /* the default rounding mode: half to even */
+    if (!(fabsf(x) < EXACT_INT)) return rintf(x);
+    return (x + 12582912.0f) - 12582912.0f; /* 1.5 * 2^23; not folded without fast-math */
+}
+
+/* torch.remainder on floats for a divisor b > 0: the remainder in [0, b). fmodf's
+ * result, computed in double: the quotient's truncation is corrected where rounding
+ * moved it, and the product and difference are exact for |a / b| < 2^29, so the value
+ * equals fmodf's (up to the sign of a zero, which only meets comparisons here).
+ * glibc's fmodf is several times slower. */
+static inline float pymodf(float a, float b) {
+    const double bd = b, qa = (double)a / bd;
+    const double q = fabs(qa) < 4.0e15 ? (double)(int64_t)qa : trunc(qa);
+    double m = (double)a - q * bd;
+    if (a >= 0.0f) {
+        if (m < 0.0) m += bd;
+        else if (m >= bd) m -= bd;
+    } else {
+        if (m > 0.0) m -= bd;
+        else if (m <= -bd) m += bd;
+    }
+    if (m < 0.0) m += bd; /* the divisor's sign, as torch.remainder */
+    return (float)m;
+}
+
+/* tensor.long() (truncation) followed by "% TILE" (non-negative, TILE a power of 2). */
+static inline int wrap(float x) { return (int)((int64_t)x & MASK); }
+
+static inline float smoothstep(float e0, float e1, float x) {
+    float t = clampf((x - e0) / (e1 - e0), 0.0f, 1.0f);
+    return t * t * (3.0f - 2.0f * t);
+}
+
+/* kernels.plane_depth: the smallest positive root of a z^2 - q z + cc = 0, or FAR. */
+static inline float plane_depth(float a, float q, float cc) {
+    float disc = q * q - 4.0f * a * cc;
+    float z = 2.0f * cc / (q + sqrtf(maxf(disc, 0.0f)));
+    return (disc >= 0.0f && q > 0.0f && z > 0.05f) ? z : FAR;
+}
+
+static int threads_or_one(int threads) { return threads > 0 ? threads : 1; }
+
+/* Pass 1: ground and frontages (kernels.background), albedo and puddles
+ * (kernels.albedo), and the appearance textures and tints (renderer._appearance).
+ *
+ * classes: taxonomy indices of road, sidewalk, terrain, building, vegetation, fence,
+ * sky. kind, color (int32) and top: (n, 2, NUM_BLOCKS). palette: (NUM_MATERIALS, 3).
+ * noise: (TILE, TILE). tiles: (families, levels, TILE, TILE). family (int32) and
+ * tints: (n, NUM_MATERIALS) and (n, NUM_MATERIALS, 3), read only with `appearance`.
+ */
+void s2r_surfaces(int n, int h, int w, const float *dx, const float *yw, const float *zw,
+                  const float *frame, const int32_t *kind, const float *top,
+                  const int32_t *color, const int32_t *classes, const float *palette,
+                  float texture, const float *noise, const float *tiles, int levels,
+                  int appearance, const int32_t *family, const float *tints, float *depth,
+                  uint8_t *label, uint8_t *surface, float *height, float *emissive,
+                  float *albedo, uint8_t *puddle, int threads) {
+    const int road = classes[0], sidewalk = classes[1], terrain = classes[2];
+    const int building = classes[3], vegetation = classes[4], fence = classes[5];
+    const int sky = classes[6];
+    int i;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
+    for (i = 0; i < n; i++) {
+        const float *p = frame + (size_t)i * FRAME_COLS;
+        const float cam_h = p[F_CAM_H], c0 = p[F_C0], ty = p[F_TY], a = p[F_A];
+        const float le = p[F_LE], re = p[F_RE], sw = p[F_SW], lw = p[F_LW];
+        const float walk_l = le - sw, walk_r = re + sw, last_line = p[F_LANES] - 1.0f;
+        const float blen = p[F_BLEN], ou = p[F_TEX_U], ov = p[F_TEX_V];
+        const float wet_dark = 0.45f * p[F_WET], pud_level = p[F_DEPOSITS] * 0.55f;
+        const float strength = p[F_STRENGTH], density = 48.0f * p[F_SCALE];
+        const float four_h = 4.0f * cam_h, focal = p[F_FOCAL];
+        const int32_t *kd = kind + (size_t)i * 2 * NUM_BLOCKS;
+        const int32_t *cl = color + (size_t)i * 2 * NUM_BLOCKS;
+        const float *tp_all = top + (size_t)i * 2 * NUM_BLOCKS;
+        const int32_t *fam = family + (size_t)i * NUM_MATERIALS;
+        const float *tint = tints + (size_t)i * NUM_MATERIALS * 3;
+        int r, c, side;
+        for (r = 0; r < h; r++) {
+            const float ywv = yw[(size_t)i * h + r], zwv = zw[(size_t)i * h + r];
+            const float t = cam_h / maxf(-ywv, 1e-4f);
+            const float zg = t * zwv;
+            const int ground = (ywv < -1e-4f) && (zg < 400.0f);
+            const float centre = c0 + ty * zg + a * zg * zg;
+            const int dashed = pymodf(zg + p[F_DASH], 9.0f) < 3.0f;
+            const float zwc = maxf(zwv, 1e-3f);
+            for (c = 0; c < w; c++) {
+                const size_t px = ((size_t)i * h + r) * w + c;
+                const float dxv = dx[(size_t)i * w + c];
+                float dep, hgt, tu, tv, em = 0.0f;
+                int lab, mat, surf;
+                if (ground) {
+                    const float e = t * dxv - centre;
+                    const int on_road = e >= le && e <= re;
+                    const int on_walk = (e >= walk_l && e < le) || (e > re && e <= walk_r);
+                    const float frac = (e - le) / lw;
+                    const float nearest = rint_fast(frac); /* half to even, as torch.round */
+                    int line = fabsf(frac - nearest) * lw < 0.075f && nearest >= 1.0f &&
+                               nearest <= last_line && dashed;
+                    line = line || fabsf(e - le) < 0.1f || fabsf(e - re) < 0.1f;
+                    mat = on_road ? (line ? M_MARK : M_ROAD)
+                                  : (on_walk ? M_SIDEWALK : M_TERRAIN);
+                    lab = on_road ? road : (on_walk ? sidewalk : terrain);
+                    dep = zg, surf = S_GROUND, hgt = 0.0f, tu = e, tv = zg;
+                } else {
+                    dep = FAR, lab = sky, mat = M_SKY, surf = S_SKY, hgt = 50.0f;
+                    tu = 0.0f, tv = 0.0f;
+                }
+                /* frontages: buildings, tree lines, fences on both sides */
+                const float slope = dxv / zwc;
+                for (side = 0; side < 2; side++) {
+                    const float fr = p[F_FRONT_L + side], ph = p[F_PHASE_L + side];
+                    const float z = side == 1 ? plane_depth(a, slope - ty, c0 + fr)
+                                              : plane_depth(-a, ty - slope, -fr - c0);
+                    const float y = cam_h + z / zwc * ywv;
+                    const float bi_f = floor_fast((z + ph) / blen);
+                    if (!(bi_f >= 0.0f && bi_f < (float)NUM_BLOCKS)) continue;
+                    const int bi = side * NUM_BLOCKS + (int)bi_f;
+                    const int k = kd[bi], col = cl[bi];
+                    float tp = tp_all[bi];
+                    if (k == TREES) tp = tp + 1.2f * sinf(z * 1.7f + (float)col);
+                    if (!(k != 0 && y >= 0.0f && y < tp && z < dep)) continue;
+                    const int is_b = k == BUILDING, is_t = k == TREES;
+                    const float zz = pymodf(z + ph, 3.2f), yy = pymodf(y, 3.0f);
+                    const int window = is_b && zz > 0.7f && zz < 2.4f && yy > 1.0f &&
+                                       yy < 2.2f && y > 1.5f && y < tp - 0.8f;
+                    mat = is_b ? (window ? M_WINDOW : M_BUILDING + col)
+                               : (is_t ? M_VEG + ((col % 3) + 3) % 3 : M_FENCE);
+                    lab = is_b ? building : (is_t ? vegetation : fence);
+                    dep = z, surf = side == 0 ? S_LEFT : S_RIGHT, hgt = y, tu = y;
+                    tv = z + 37.0f * (float)side;
+                    if (window) { /* at night some windows are lit */
+                        const float cell = floor_fast((z + ph) / 3.2f) * 12.9898f +
+                                           floor_fast(y / 3.0f) * 78.233f + (float)col * 3.1f;
+                        const float s = sinf(cell) * 43758.5f;
+                        if (s - trunc_fast(s) > 0.55f) em = 1.0f;
+                    }
+                }
+                /* albedo: palette, value-noise texture, wet paving and puddles */
+                float mod = 1.0f;
+                if (texture > 0.0f && mat != M_SKY) {
+                    const float fine = noise[wrap(tv * 9.0f + ov) * TILE + wrap(tu * 9.0f + ou)];
+                    const float coarse = noise[wrap(tv * 1.3f) * TILE + wrap(tu * 1.3f)];
+                    mod = 1.0f + texture * ((fine - 0.5f) * 1.2f + (coarse - 0.5f) * 0.8f);
+                }
+                const int paved = mat == M_ROAD || mat == M_MARK || mat == M_SIDEWALK;
+                const float pud = noise[wrap(tv * 0.7f + ov) * TILE + wrap(tu * 0.7f + ou)];
+                const int is_puddle = paved && pud < pud_level;
+                mod = mod * (1.0f - wet_dark * (float)paved - 0.35f * (float)is_puddle);
+                float factor = 1.0f;
+                if (appearance && strength != 0.0f) {
+                    float footprint = dep / focal;
+                    if (surf == S_GROUND) footprint = footprint * clampf(dep / four_h, 1.0f, 8.0f);
+                    int level = (int)(int64_t)log2f(maxf(footprint * density, 1.0f));
+                    level = level < 0 ? 0 : (level > levels - 1 ? levels - 1 : level);
+                    const int ta = wrap(tu * density + p[F_OFF_A]);
+                    const int tb = wrap(tv * density + p[F_OFF_B]);
+                    const float v =
+                        tiles[(((size_t)fam[mat] * levels + level) * TILE + ta) * TILE + tb];
+                    factor = 1.0f + strength * (v - 0.5f) * 1.6f;
+                }
+                const float *pal = palette + mat * 3;
+                float *alb = albedo + px * 3;
+                if (appearance) {
+                    alb[0] = pal[0] * mod * (factor * tint[mat * 3 + 0]);
+                    alb[1] = pal[1] * mod * (factor * tint[mat * 3 + 1]);
+                    alb[2] = pal[2] * mod * (factor * tint[mat * 3 + 2]);
+                } else {
+                    alb[0] = pal[0] * mod, alb[1] = pal[1] * mod, alb[2] = pal[2] * mod;
+                }
+                depth[px] = dep, label[px] = (uint8_t)lab, surface[px] = (uint8_t)surf;
+                height[px] = hgt, emissive[px] = em, puddle[px] = (uint8_t)is_puddle;
+            }
+        }
+    }
+}
+
+/* Per-frame terms of the sky (kernels.sky). */
+typedef struct {
+    float zen[3], hor[3], sx, sy, sz, glow_k, sun_up, wind, cloud_gap, cloud_col[3];
+} Sky;
+
+static void sky_terms(const float *x, float day, float warm, Sky *s) {
+    const float cloud = x[W_CLOUD] / 100.0f, rain = x[W_PRECIP] / 100.0f;
+    const float alt = x[W_SUN_ALT] * 0.017453292519943295f;
+    const float az = x[W_SUN_AZ] * 0.017453292519943295f;
+    const float blue = maxf(2.5f * x[W_RAYLEIGH] / 0.0331f, 0.3f);
+    const float zen_day[3] = {0.25f / blue, 0.45f, 0.85f};
+    const float hor_day[3] = {0.95f - 0.2f * warm, 0.68f + 0.1f * warm, 0.5f + 0.35f * warm};
+    const float night[3] = {0.02f, 0.03f, 0.07f}, grey0[3] = {0.72f, 0.73f, 0.75f};
+    const float overcast = clampf(cloud * 0.6f + rain * 0.4f, 0.0f, 1.0f);
+    const float cloud_col[3] = {0.92f, 0.92f, 0.94f};
+    int ch;
+    for (ch = 0; ch < 3; ch++) {
+        const float grey = grey0[ch] * (0.15f + 0.85f * day);
+        const float zen = zen_day[ch] * day + night[ch] * (1.0f - day);
+        const float hor = hor_day[ch] * day + night[ch] * 1.5f * (1.0f - day);
+        s->zen[ch] = zen * (1.0f - overcast) + grey * 0.85f * overcast;
+        s->hor[ch] = hor * (1.0f - overcast) + grey * overcast;
+        s->cloud_col[ch] = cloud_col[ch] * (0.12f + 0.88f * day);
+    }
+    s->sx = cosf(alt) * sinf(az), s->sy = sinf(alt), s->sz = cosf(alt) * cosf(az);
+    s->glow_k = x[W_MIE] / 0.03f * 0.35f;
+    s->sun_up = s->sy > -0.05f ? 1.0f : 0.0f;
+    s->cloud_gap = 1.0f - cloud * 0.8f;
+    s->wind = 1.0f + x[W_WIND] / 40.0f;
+}
+
+/* kernels.sky at one pixel: `el`, `tt`, `up` and `cv` are the row's terms. */
+static inline void sky_px(const Sky *s, float cloud, float dxv, float ywv, float zwv, float el,
+                          float tt, float up, int cv, const float *noise, float *rgb) {
+    const float norm = sqrtf(dxv * dxv + ywv * ywv + zwv * zwv);
+    const float cos_a = (dxv * s->sx + ywv * s->sy + zwv * s->sz) / norm;
+    /* the glow is exactly zero with the sun down, no Mie scattering or full cloud */
+    const float glow = s->glow_k == 0.0f || s->cloud_gap == 0.0f || s->sun_up == 0.0f
+                           ? 0.0f
+                           : s->glow_k * expf((cos_a - 1.0f) * 25.0f) * s->cloud_gap * s->sun_up;
+    const float glow_col[3] = {1.0f, 0.85f, 0.6f};
+    const int cu = wrap(dxv / up * 40.0f / s->wind);
+    float cover = smoothstep(0.0f, 0.25f, noise[cv * TILE + cu] - (1.0f - cloud) * 0.9f);
+    cover = el > 0.0f ? cover : 0.0f;
+    int ch;
+    for (ch = 0; ch < 3; ch++) {
+        float v = s->hor[ch] * (1.0f - tt) + s->zen[ch] * tt;
+        v = v + glow * glow_col[ch];
+        v = v * (1.0f - cover) + s->cloud_col[ch] * cover;
+        rgb[ch] = clampf(v, 0.0f, 1.0f);
+    }
+}
+
+/* Pass 2: light, sky, reflections, night lights, fog/haze/dust, auto exposure and
+ * rain streaks (kernels.shade). wx: (n, WX_COLS); light_k: (n, 2) sun and ambient
+ * factors; streaks: (3, STREAK_H, STREAK_W) fields; streak: (n, 3) int32 field
+ * (-1: no rain), row and column offset. out: (n, 3, h, w) in [0, 1].
+ */
+void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const float *zw,
+               const float *wx, const float *light_k, const float *noise, const float *albedo,
+               const uint8_t *surface, const float *emissive, const float *depth,
+               const float *height, const uint8_t *puddle, const float *streaks,
+               const int32_t *streak, float *out, int threads) {
+    int i;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
+    for (i = 0; i < n; i++) {
+        const float *x = wx + (size_t)i * WX_COLS;
+        const float cloud = x[W_CLOUD] / 100.0f, rain = x[W_PRECIP] / 100.0f;
+        const float day = smoothstep(-6.0f, 20.0f, x[W_SUN_ALT]);
+        const float warm = smoothstep(0.0f, 40.0f, x[W_SUN_ALT]);
+        Sky s;
+        sky_terms(x, day, warm, &s);
+        const float sun_col[3] = {1.0f, 0.55f + 0.42f * warm, 0.3f + 0.62f * warm};
+        const float amb_col[3] = {0.55f + 0.2f * day, 0.62f + 0.23f * day, 1.0f};
+        const float amb =
+            (0.1f + 0.42f * day * (1.0f - 0.3f * cloud) * (1.0f - 0.3f * rain)) * light_k[i * 2 + 1];
+        const float sun =
+            0.75f * day * (1.0f - 0.85f * cloud) * (1.0f - 0.6f * rain) * light_k[i * 2];
+        const float lambert[5] = {0.0f, maxf(s.sy, 0.0f), maxf(s.sx, 0.0f), maxf(-s.sx, 0.0f),
+                                  maxf(-s.sz, 0.0f) * 0.8f + 0.2f * maxf(s.sy, 0.0f)};
+        float light[5][3];
+        int k, ch, r, c;
+        for (k = 0; k < 5; k++)
+            for (ch = 0; ch < 3; ch++)
+                light[k][ch] = amb * amb_col[ch] + sun * lambert[k] * sun_col[ch];
+        const float wet = x[W_WETNESS] / 100.0f, night = 1.0f - day;
+        const float warm_light[3] = {1.0f, 0.85f, 0.55f};
+        const float k_fog = x[W_FOG_DENSITY] / 100.0f * 0.09f;
+        const float k_haze = -(0.0015f * x[W_SCATTER]);
+        const float k_dust = -(x[W_DUST] / 100.0f * 0.04f);
+        const float level = amb + 0.5f * sun;
+        const float fog0[3] = {0.72f, 0.74f, 0.77f}, dust0[3] = {0.62f, 0.48f, 0.32f};
+        float fog_col[3], dust_col[3], horizon[3] = {0.0f, 0.0f, 0.0f};
+        for (ch = 0; ch < 3; ch++) {
+            fog_col[ch] = fog0[ch] * level * 1.4f;
+            dust_col[ch] = dust0[ch] * level * 1.4f;
+        }
+        /* the horizon colour: the sky's mean over the row just above the centre */
+        {
+            const int hr = h / 2 - 1;
+            const float ywv = yw[(size_t)i * h + hr], zwv = zw[(size_t)i * h + hr];
+            const float el = clampf(ywv / sqrtf(ywv * ywv + zwv * zwv), -1.0f, 1.0f);
+            const float tt = sqrtf(maxf(el, 0.0f)), up = maxf(ywv, 0.02f);
+            const int cv = wrap(zwv / up * 40.0f);
+            double acc[3] = {0.0, 0.0, 0.0};
+            float rgb[3];
+            for (c = 0; c < w; c++) {
+                sky_px(&s, cloud, dx[(size_t)i * w + c], ywv, zwv, el, tt, up, cv, noise, rgb);
+                for (ch = 0; ch < 3; ch++) acc[ch] += rgb[ch];
+            }
+            for (ch = 0; ch < 3; ch++) horizon[ch] = (float)(acc[ch] / w);
+        }
+        const size_t plane = (size_t)h * w;
+        float *o = out + (size_t)i * 3 * plane;
+        double luma = 0.0;
+        float *beam_col = (float *)malloc(sizeof(float) * w);
+        float beam_depth = NAN, beam_exp = 0.0f, last_d = NAN, last_h = NAN;
+        float fog = 0.0f, haze = 0.0f, dust = 0.0f;
+        if (!beam_col) continue;
+        for (c = 0; c < w; c++) {
+            const float b = dx[(size_t)i * w + c] * 2.5f;
+            beam_col[c] = expf(-(b * b));
+        }
+        for (r = 0; r < h; r++) {
+            const float ywv = yw[(size_t)i * h + r], zwv = zw[(size_t)i * h + r];
+            const float el = clampf(ywv / sqrtf(ywv * ywv + zwv * zwv), -1.0f, 1.0f);
+            const float tt = sqrtf(maxf(el, 0.0f)), up = maxf(ywv, 0.02f);
+            const int cv = wrap(zwv / up * 40.0f);
+            for (c = 0; c < w; c++) {
+                const size_t q = (size_t)r * w + c, px = (size_t)i * plane + q;
+                const float dxv = dx[(size_t)i * w + c];
+                const int surf = surface[px];
+                const float *alb = albedo + px * 3;
+                float lit[3];
+                if (surf == S_SKY) {
+                    sky_px(&s, cloud, dxv, ywv, zwv, el, tt, up, cv, noise, lit);
+                } else {
+                    for (ch = 0; ch < 3; ch++) lit[ch] = alb[ch] * light[surf][ch];
+                }
+                const float refl =
+                    0.12f * wet * (float)(surf == S_GROUND) + 0.25f * (float)puddle[px];
+                /* each term is exactly zero where its factor is (day: no beam, no
+                 * fog/haze/dust density), so those pixels skip the exponentials; the
+                 * rest depend on depth and height alone, which are the same along a
+                 * row of ground or of sky: the last pixel's values are reused */
+                const float em = emissive[px] * night, dep = depth[px], d = minf(dep, 300.0f);
+                const float hgt = height[px];
+                float beam = 0.0f;
+                if (night != 0.0f && surf != S_SKY) {
+                    if (dep != beam_depth) beam_depth = dep, beam_exp = expf(-dep / 25.0f);
+                    beam = beam_exp * beam_col[c] * 1.0f * night;
+                }
+                if (d != last_d || hgt != last_h) {
+                    last_d = d, last_h = hgt, fog = haze = dust = 0.0f;
+                    if (k_fog != 0.0f) {
+                        const float beyond = maxf(d - x[W_FOG_DIST], 0.0f);
+                        const float falloff = expf(-x[W_FOG_FALLOFF] * maxf(hgt, 0.0f) / 10.0f);
+                        fog = 1.0f - expf(-k_fog * beyond * falloff);
+                    }
+                    if (k_haze != 0.0f) haze = 1.0f - expf(k_haze * d);
+                    if (k_dust != 0.0f) dust = 1.0f - expf(k_dust * d);
+                }
+                for (ch = 0; ch < 3; ch++) {
+                    float v = lit[ch] * (1.0f - refl) + horizon[ch] * refl;
+                    v = v + em * warm_light[ch] * 1.1f;
+                    v = v + alb[ch] * (beam * warm_light[ch] * 1.2f);
+                    v = v + (horizon[ch] - v) * haze;
+                    v = v + (fog_col[ch] - v) * fog;
+                    v = v + (dust_col[ch] - v) * dust;
+                    o[ch * plane + q] = v;
+                    luma += v;
+                }
+            }
+        }
+        free(beam_col);
+        /* auto exposure, then rain streaks in front of everything */
+        const float mean = (float)(luma / (3.0 * (double)plane));
+        const float gain = clampf(0.4f / maxf(mean, 1e-3f), 1.0f, 2.0f);
+        const int field = streak[i * 3];
+        const float lift = 0.3f + level;
+        for (r = 0; r < h; r++) {
+            const float *row = field >= 0 ? streaks + ((size_t)field * STREAK_H +
+                                                        (size_t)(((r - streak[i * 3 + 1]) % STREAK_H +
+                                                                  STREAK_H) % STREAK_H)) * STREAK_W
+                                          : NULL;
+            for (c = 0; c < w; c++) {
+                const size_t q = (size_t)r * w + c;
+                float add = 0.0f;
+                if (row) {
+                    const int col = ((c - streak[i * 3 + 2]) % STREAK_W + STREAK_W) % STREAK_W;
+                    add = row[col] * rain * 0.2f * lift;
+                }
+                for (ch = 0; ch < 3; ch++) {
+                    const float v = o[ch * plane + q] * gain + add;
+                    o[ch * plane + q] = clampf(v, 0.0f, 1.0f);
+                }
+            }
+        }
+    }
+}
+
+/* Sensor effects (simulation/sensor.apply_sensor_effects) on img (n, 3, h, w) in
+ * place: a separable Gaussian blur of each frame's own radius ceil(3 sigma) with
+ * replicated edges (sigma < 0.05: none), the gain (1 - vignetting r^2) * exposure,
+ * then bank noise times noise_std, clamped to [0, 1]. rd2: (h, w) squared radial
+ * distance; bank: (3, bank_h, bank_w) noise; crop: (n, 3) int32 row, column, flip.
+ */
+void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float *vignetting,
+                const float *exposure, const float *noise_std, const float *rd2,
+                const float *bank, int bank_h, int bank_w, const int32_t *crop, int threads) {
+    int i;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
+    for (i = 0; i < n; i++) {
+        const size_t plane = (size_t)h * w;
+        float *im = img + (size_t)i * 3 * plane;
+        int ch, r, c, j;
+        if (sigma[i] >= 0.05f) {
+            const float sg = maxf(sigma[i], 1e-3f);
+            const int radius = (int)ceilf(3.0f * sigma[i]) < 1 ? 1 : (int)ceilf(3.0f * sigma[i]);
+            const int taps = 2 * radius + 1;
+            /* k, a padded row, and a frame-sized copy for the vertical pass */
+            float *k = (float *)malloc(sizeof(float) * (taps + w + 2 * radius + plane));
+            float total = 0.0f;
+            if (!k) continue;
+            float *line = k + taps, *copy = line + w + 2 * radius;
+            for (j = 0; j < taps; j++) {
+                const float t = (float)(j - radius) / sg;
+                k[j] = expf(-0.5f * (t * t));
+                total += k[j];
+            }
+            for (j = 0; j < taps; j++) k[j] = k[j] / total;
+            /* taps outermost so the inner loops run along contiguous pixels and
+             * vectorize; each pixel still sums its taps in order */
+            for (ch = 0; ch < 3; ch++) {
+                float *pl = im + ch * plane;
+                for (r = 0; r < h; r++) { /* along the row */
+                    float *row = pl + (size_t)r * w;
+                    for (c = 0; c < radius; c++) line[c] = row[0];
+                    memcpy(line + radius, row, sizeof(float) * w);
+                    for (c = 0; c < radius; c++) line[radius + w + c] = row[w - 1];
+                    for (c = 0; c < w; c++) row[c] = k[0] * line[c];
+                    for (j = 1; j < taps; j++) {
+                        const float kj = k[j];
+                        const float *src = line + j;
+                        for (c = 0; c < w; c++) row[c] += kj * src[c];
+                    }
+                }
+                memcpy(copy, pl, sizeof(float) * plane);
+                for (r = 0; r < h; r++) { /* down the column */
+                    float *row = pl + (size_t)r * w;
+                    for (j = 0; j < taps; j++) {
+                        const int sr = r + j - radius < 0 ? 0 : (r + j - radius >= h ? h - 1 : r + j - radius);
+                        const float kj = k[j];
+                        const float *src = copy + (size_t)sr * w;
+                        if (j == 0)
+                            for (c = 0; c < w; c++) row[c] = kj * src[c];
+                        else
+                            for (c = 0; c < w; c++) row[c] += kj * src[c];
+                    }
+                }
+            }
+            free(k);
+        }
+        const int gained = vignetting[i] > 0.0f || exposure[i] != 1.0f;
+        const float std = noise_std[i];
+        const int dy = crop[i * 3], dxo = crop[i * 3 + 1], flip = crop[i * 3 + 2];
+        for (ch = 0; ch < 3; ch++) {
+            float *pl = im + ch * plane;
+            const float *nb = bank + (size_t)ch * bank_h * bank_w;
+            for (r = 0; r < h; r++) {
+                const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
+                for (c = 0; c < w; c++) {
+                    const size_t q = (size_t)r * w + c;
+                    float v = pl[q];
+                    if (gained) v = v * ((1.0f - vignetting[i] * rd2[q]) * exposure[i]);
+                    if (std > 0.0f) v = v + nrow[flip ? w - 1 - c : c] * std;
+                    pl[q] = clampf(v, 0.0f, 1.0f);
+                }
+            }
+        }
+    }
+}
+
+/* The camera's roll (renderer._roll): frames whose theta (n, 2, 3) is not the identity
+ * are resampled, the image bilinearly with replicated edges, the labels by nearest
+ * neighbour; label pixels from outside the original view become 255. `src` and
+ * `src_label` are read, `img` (n, 3, h, w) and `label` (n, h, w) written.
+ */
+void s2r_roll(int n, int h, int w, const float *src, const uint8_t *src_label,
+              const float *theta, const uint8_t *rolled, float *img, uint8_t *label,
+              int threads) {
+    int i;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
+    for (i = 0; i < n; i++) {
+        const size_t plane = (size_t)h * w;
+        const float *t = theta + (size_t)i * 6;
+        const float *in = src + (size_t)i * 3 * plane;
+        const uint8_t *lin = src_label + (size_t)i * plane;
+        float *out = img + (size_t)i * 3 * plane;
+        uint8_t *lout = label + (size_t)i * plane;
+        int r, c, ch;
+        if (!rolled[i]) {
+            memcpy(out, in, sizeof(float) * 3 * plane);
+            memcpy(lout, lin, plane);
+            continue;
+        }
+        for (r = 0; r < h; r++) {
+            const float y = (2.0f * r + 1.0f) / h - 1.0f;
+            for (c = 0; c < w; c++) {
+                const float x = (2.0f * c + 1.0f) / w - 1.0f;
+                const float gx = x * t[0] + y * t[1] + t[2];
+                const float gy = x * t[3] + y * t[4] + t[5];
+                const float fx = ((gx + 1.0f) * w - 1.0f) / 2.0f;
+                const float fy = ((gy + 1.0f) * h - 1.0f) / 2.0f;
+                const size_t q = (size_t)r * w + c;
+                /* labels: nearest, 255 outside the original view */
+                if (fabsf(gx) > 1.0f || fabsf(gy) > 1.0f) {
+                    lout[q] = 255;
+                } else {
+                    const int nx = (int)rint_fast(fx), ny = (int)rint_fast(fy);
+                    lout[q] = (nx >= 0 && nx < w && ny >= 0 && ny < h) ? lin[(size_t)ny * w + nx]
+                                                                       : 0;
+                }
+                /* image: bilinear, the coordinates clipped to the border */
+                const float bx = clampf(fx, 0.0f, (float)(w - 1));
+                const float by = clampf(fy, 0.0f, (float)(h - 1));
+                const int x0 = (int)bx, y0 = (int)by; /* both >= 0 */
+                const int x1 = x0 + 1 < w ? x0 + 1 : w - 1, y1 = y0 + 1 < h ? y0 + 1 : h - 1;
+                const float ax = bx - x0, ay = by - y0;
+                for (ch = 0; ch < 3; ch++) {
+                    const float *pl = in + ch * plane;
+                    const float top = pl[(size_t)y0 * w + x0] * (1.0f - ax) + pl[(size_t)y0 * w + x1] * ax;
+                    const float bot = pl[(size_t)y1 * w + x0] * (1.0f - ax) + pl[(size_t)y1 * w + x1] * ax;
+                    out[ch * plane + q] = top * (1.0f - ay) + bot * ay;
+                }
+            }
+        }
+    }
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused",
+                                    "The renderer's fused per-pixel passes (loaded by ctypes).",
+                                    -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

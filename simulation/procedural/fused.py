@@ -1,0 +1,284 @@
+"""The renderer's fused per-pixel passes: a C loop per pass (``_fused.c``), through ctypes.
+
+``pip install`` builds ``_fused.c`` as an optional extension (``setup.py``); where no C
+compiler is found the install still succeeds and :func:`available` is false, and the
+renderer runs the tensor kernels of :mod:`.kernels` instead. Both compute the same
+maths in float32; they differ only in the last bits of ``sin``/``exp``/``log2`` (see
+``tests/test_fused.py`` for the bound), so the backend records which one rendered a
+dataset (``ProceduralBackend.kernels``).
+
+ctypes releases the GIL for the duration of each call; OpenMP splits a batch by frame
+over ``threads`` (default: torch's intra-op thread count).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+from simulation.sensor import _GAMMA, noise_bank, noise_offsets, radial_distance
+
+#: Per-frame columns of the ``frame`` table handed to :func:`surfaces` (``_fused.c``).
+FRAME_COLUMNS = (
+    "cam_h",
+    "c0",
+    "ty",
+    "a",
+    "dash_phase",
+    "left_edge",
+    "right_edge",
+    "sidewalk_width",
+    "lane_width",
+    "lanes",
+    "frontage_left",
+    "frontage_right",
+    "block_len",
+    "phase_left",
+    "phase_right",
+    "tex_off_u",
+    "tex_off_v",
+    "wetness",
+    "deposits",
+    "focal",
+    "texture_strength",
+    "texture_scale",
+    "texture_off_a",
+    "texture_off_b",
+)
+STREAK_SHAPE = (256, 512)  # the rain-streak fields' size in _fused.c
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_F = ctypes.c_float
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled passes, or ``None`` where the extension was not built."""
+    try:
+        spec = importlib.util.find_spec("simulation.procedural._fused")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith((".so", ".pyd", ".dylib")):
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.s2r_surfaces.restype = None
+    lib.s2r_surfaces.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _I]
+    lib.s2r_surfaces.argtypes += [_I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I]
+    lib.s2r_shade.restype = None
+    lib.s2r_shade.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]
+    lib.s2r_shade.argtypes += [_P, _P, _P, _I]
+    lib.s2r_sensor.restype = None
+    lib.s2r_sensor.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _I]
+    lib.s2r_roll.restype = None
+    lib.s2r_roll.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled passes can run here."""
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
+    if t.dtype != dtype or not t.is_contiguous():
+        raise TypeError(f"expected a contiguous {dtype} tensor, got {t.dtype}")
+    return t.data_ptr()
+
+
+def surfaces(
+    dx: torch.Tensor,
+    yw: torch.Tensor,
+    zw: torch.Tensor,
+    frame: torch.Tensor,
+    kind: torch.Tensor,
+    top: torch.Tensor,
+    color: torch.Tensor,
+    classes: torch.Tensor,
+    palette: torch.Tensor,
+    texture: float,
+    noise: torch.Tensor,
+    tiles: torch.Tensor,
+    appearance: bool,
+    family: torch.Tensor,
+    tints: torch.Tensor,
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pass 1: ground, frontages, albedo, puddles and appearance textures.
+
+    Args:
+        dx: ``(N, W)``; yw, zw: ``(N, H)`` ray components (float32).
+        frame: ``(N, len(FRAME_COLUMNS))`` float32 per-frame scalars.
+        kind, color: ``(N, 2, NUM_BLOCKS)`` int32; top: the same shape, float32 (m).
+        classes: ``(7,)`` int32 taxonomy indices (road, sidewalk, terrain, building,
+            vegetation, fence, sky); palette: ``(NUM_MATERIALS, 3)``.
+        noise: ``(256, 256)`` value noise; tiles: ``(F, LEVELS, 256, 256)`` texture tiles.
+        appearance: apply ``family`` ``(N, NUM_MATERIALS)`` int32 and ``tints``
+            ``(N, NUM_MATERIALS, 3)``.
+
+    Returns:
+        ``depth``, ``height``, ``emissive`` float32 and ``label``, ``surface``,
+        ``puddle`` uint8, each ``(N, H, W)``, and ``albedo (N, H, W, 3)``.
+    """
+    n, h, w = dx.shape[0], yw.shape[1], dx.shape[1]
+    f32, u8, i32 = torch.float32, torch.uint8, torch.int32
+    out = {k: torch.empty(n, h, w) for k in ("depth", "height", "emissive")}
+    out.update({k: torch.empty(n, h, w, dtype=u8) for k in ("label", "surface", "puddle")})
+    out["albedo"] = torch.empty(n, h, w, 3)
+    library().s2r_surfaces(
+        n,
+        h,
+        w,
+        _ptr(dx, f32),
+        _ptr(yw, f32),
+        _ptr(zw, f32),
+        _ptr(frame, f32),
+        _ptr(kind, i32),
+        _ptr(top, f32),
+        _ptr(color, i32),
+        _ptr(classes, i32),
+        _ptr(palette, f32),
+        float(texture),
+        _ptr(noise, f32),
+        _ptr(tiles, f32),
+        int(tiles.shape[1]),
+        int(bool(appearance)),
+        _ptr(family, i32),
+        _ptr(tints, f32),
+        *(out[k].data_ptr() for k in ("depth", "label", "surface", "height", "emissive")),
+        out["albedo"].data_ptr(),
+        out["puddle"].data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    return out
+
+
+def shade(
+    dx: torch.Tensor,
+    yw: torch.Tensor,
+    zw: torch.Tensor,
+    wx: torch.Tensor,
+    light_k: torch.Tensor,
+    noise: torch.Tensor,
+    buffers: dict[str, torch.Tensor],
+    streaks: torch.Tensor,
+    streak: torch.Tensor,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Pass 2: light, sky, reflections, night lights, fog, exposure and rain streaks.
+
+    Args:
+        dx, yw, zw: as :func:`surfaces`; wx: ``(N, len(WEATHER_COLUMNS))``;
+            light_k: ``(N, 2)`` sun and ambient factors.
+        buffers: :func:`surfaces`'s output after the sprites were drawn into it.
+        streaks: ``(3, 256, 512)`` rain-streak fields; streak: ``(N, 3)`` int32 field
+            index (-1 without rain), row and column offset.
+
+    Returns:
+        ``(N, 3, H, W)`` float32 in [0, 1].
+    """
+    n, h, w = dx.shape[0], yw.shape[1], dx.shape[1]
+    f32, u8 = torch.float32, torch.uint8
+    if tuple(streaks.shape[1:]) != STREAK_SHAPE:
+        raise ValueError(f"expected rain-streak fields of {STREAK_SHAPE}, got {streaks.shape}")
+    out = torch.empty(n, 3, h, w)
+    library().s2r_shade(
+        n,
+        h,
+        w,
+        _ptr(dx, f32),
+        _ptr(yw, f32),
+        _ptr(zw, f32),
+        _ptr(wx, f32),
+        _ptr(light_k, f32),
+        _ptr(noise, f32),
+        _ptr(buffers["albedo"], f32),
+        _ptr(buffers["surface"], u8),
+        _ptr(buffers["emissive"], f32),
+        _ptr(buffers["depth"], f32),
+        _ptr(buffers["height"], f32),
+        _ptr(buffers["puddle"], u8),
+        _ptr(streaks, f32),
+        _ptr(streak, torch.int32),
+        out.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    return out
+
+
+def sensor(images: torch.Tensor, sensors, keys, threads: int | None = None) -> torch.Tensor:
+    """:func:`simulation.sensor.apply_sensor_effects` in one pass, in place.
+
+    Each frame is blurred with its own kernel radius (``ceil(3 sigma)``; the tensor
+    version uses the batch's largest), so a frame never depends on its batch.
+
+    Args:
+        images: ``(N, 3, H, W)`` contiguous float32 in [0, 1], overwritten.
+        sensors: ``N`` :class:`~simulation.randomization.Sensor`; keys: ``N`` ``(seed,
+            index)`` pairs that fix each frame's noise crop.
+    """
+    n, _, h, w = images.shape
+    col = lambda name: torch.tensor([getattr(s, name) for s in sensors], dtype=torch.float32)  # noqa: E731
+    exposure = torch.pow(2.0, col("exposure_ev") / _GAMMA).contiguous()
+    rd2 = (radial_distance(h, w) ** 2).contiguous()
+    bank = noise_bank(h, w)
+    crop = torch.tensor(noise_offsets(keys), dtype=torch.int32).view(n, 3)
+    sigma, vig, std = col("blur_sigma_px"), col("vignetting"), col("noise_std")
+    library().s2r_sensor(
+        n,
+        h,
+        w,
+        _ptr(images, torch.float32),
+        _ptr(sigma, torch.float32),
+        _ptr(vig, torch.float32),
+        _ptr(exposure, torch.float32),
+        _ptr(std, torch.float32),
+        _ptr(rd2, torch.float32),
+        _ptr(bank, torch.float32),
+        int(bank.shape[1]),
+        int(bank.shape[2]),
+        _ptr(crop, torch.int32),
+        threads or torch.get_num_threads(),
+    )
+    return images
+
+
+def roll(
+    images: torch.Tensor, labels: torch.Tensor, angles: torch.Tensor, threads: int | None = None
+):
+    """The camera's roll: frames rotated by ``angles (N,)`` (rad), labels by nearest
+    neighbour with 255 where the rotated view leaves the original one.
+
+    Args:
+        images: ``(N, 3, H, W)`` float32; labels: ``(N, H, W)`` uint8.
+
+    Returns:
+        ``(images, labels)``, new tensors; frames with no roll are copied unchanged.
+    """
+    n, _, h, w = images.shape
+    c, s = torch.cos(angles), torch.sin(angles)
+    aspect = h / w
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = c, -s * aspect
+    theta[:, 1, 0], theta[:, 1, 1] = s / aspect, c
+    rolled = (angles != 0).to(torch.uint8).contiguous()
+    out, out_labels = torch.empty_like(images), torch.empty_like(labels)
+    library().s2r_roll(
+        n,
+        h,
+        w,
+        _ptr(images, torch.float32),
+        _ptr(labels, torch.uint8),
+        _ptr(theta, torch.float32),
+        _ptr(rolled, torch.uint8),
+        out.data_ptr(),
+        out_labels.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    return out, out_labels
