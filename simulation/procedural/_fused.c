@@ -449,6 +449,57 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
     }
 }
 
+/* A separable Gaussian blur of `planes` (h, w) planes in place, truncated at radius
+ * ceil(3 sigma) (at least 1), replicated edges, the kernel normalized to sum 1. The taps
+ * are the outer loop so the inner loops run along contiguous pixels and vectorize;
+ * each pixel still sums its taps in order. */
+static void blur_planes(float *im, int planes, int h, int w, float sigma) {
+    const size_t plane = (size_t)h * w;
+    const float sg = maxf(sigma, 1e-3f);
+    const int radius = (int)ceilf(3.0f * sigma) < 1 ? 1 : (int)ceilf(3.0f * sigma);
+    const int taps = 2 * radius + 1;
+    float *k = (float *)malloc(sizeof(float) * (taps + w + 2 * radius + plane));
+    float total = 0.0f;
+    int j, ch, r, c;
+    if (!k) return;
+    float *line = k + taps, *copy = line + w + 2 * radius;
+    for (j = 0; j < taps; j++) {
+        const float t = (float)(j - radius) / sg;
+        k[j] = expf(-0.5f * (t * t));
+        total += k[j];
+    }
+    for (j = 0; j < taps; j++) k[j] = k[j] / total;
+    for (ch = 0; ch < planes; ch++) {
+        float *pl = im + ch * plane;
+        for (r = 0; r < h; r++) { /* along the row */
+            float *row = pl + (size_t)r * w;
+            for (c = 0; c < radius; c++) line[c] = row[0];
+            memcpy(line + radius, row, sizeof(float) * w);
+            for (c = 0; c < radius; c++) line[radius + w + c] = row[w - 1];
+            for (c = 0; c < w; c++) row[c] = k[0] * line[c];
+            for (j = 1; j < taps; j++) {
+                const float kj = k[j];
+                const float *src = line + j;
+                for (c = 0; c < w; c++) row[c] += kj * src[c];
+            }
+        }
+        memcpy(copy, pl, sizeof(float) * plane);
+        for (r = 0; r < h; r++) { /* down the column */
+            float *row = pl + (size_t)r * w;
+            for (j = 0; j < taps; j++) {
+                const int t = r + j - radius, sr = t < 0 ? 0 : (t >= h ? h - 1 : t);
+                const float kj = k[j];
+                const float *src = copy + (size_t)sr * w;
+                if (j == 0)
+                    for (c = 0; c < w; c++) row[c] = kj * src[c];
+                else
+                    for (c = 0; c < w; c++) row[c] += kj * src[c];
+            }
+        }
+    }
+    free(k);
+}
+
 /* Sensor effects (simulation/sensor.apply_sensor_effects) on img (n, 3, h, w) in
  * place: a separable Gaussian blur of each frame's own radius ceil(3 sigma) with
  * replicated edges (sigma < 0.05: none), the gain (1 - vignetting r^2) * exposure,
@@ -463,54 +514,8 @@ void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float
     for (i = 0; i < n; i++) {
         const size_t plane = (size_t)h * w;
         float *im = img + (size_t)i * 3 * plane;
-        int ch, r, c, j;
-        if (sigma[i] >= 0.05f) {
-            const float sg = maxf(sigma[i], 1e-3f);
-            const int radius = (int)ceilf(3.0f * sigma[i]) < 1 ? 1 : (int)ceilf(3.0f * sigma[i]);
-            const int taps = 2 * radius + 1;
-            /* k, a padded row, and a frame-sized copy for the vertical pass */
-            float *k = (float *)malloc(sizeof(float) * (taps + w + 2 * radius + plane));
-            float total = 0.0f;
-            if (!k) continue;
-            float *line = k + taps, *copy = line + w + 2 * radius;
-            for (j = 0; j < taps; j++) {
-                const float t = (float)(j - radius) / sg;
-                k[j] = expf(-0.5f * (t * t));
-                total += k[j];
-            }
-            for (j = 0; j < taps; j++) k[j] = k[j] / total;
-            /* taps outermost so the inner loops run along contiguous pixels and
-             * vectorize; each pixel still sums its taps in order */
-            for (ch = 0; ch < 3; ch++) {
-                float *pl = im + ch * plane;
-                for (r = 0; r < h; r++) { /* along the row */
-                    float *row = pl + (size_t)r * w;
-                    for (c = 0; c < radius; c++) line[c] = row[0];
-                    memcpy(line + radius, row, sizeof(float) * w);
-                    for (c = 0; c < radius; c++) line[radius + w + c] = row[w - 1];
-                    for (c = 0; c < w; c++) row[c] = k[0] * line[c];
-                    for (j = 1; j < taps; j++) {
-                        const float kj = k[j];
-                        const float *src = line + j;
-                        for (c = 0; c < w; c++) row[c] += kj * src[c];
-                    }
-                }
-                memcpy(copy, pl, sizeof(float) * plane);
-                for (r = 0; r < h; r++) { /* down the column */
-                    float *row = pl + (size_t)r * w;
-                    for (j = 0; j < taps; j++) {
-                        const int sr = r + j - radius < 0 ? 0 : (r + j - radius >= h ? h - 1 : r + j - radius);
-                        const float kj = k[j];
-                        const float *src = copy + (size_t)sr * w;
-                        if (j == 0)
-                            for (c = 0; c < w; c++) row[c] = kj * src[c];
-                        else
-                            for (c = 0; c < w; c++) row[c] += kj * src[c];
-                    }
-                }
-            }
-            free(k);
-        }
+        int ch, r, c;
+        if (sigma[i] >= 0.05f) blur_planes(im, 3, h, w, sigma[i]);
         const int gained = vignetting[i] > 0.0f || exposure[i] != 1.0f;
         const float std = noise_std[i];
         const int dy = crop[i * 3], dxo = crop[i * 3 + 1], flip = crop[i * 3 + 2];
@@ -528,6 +533,173 @@ void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float
                 }
             }
         }
+    }
+}
+
+/* Bilinear sample of plane `pl` (h, w) at (fy, fx) pixels, coordinates clipped to the
+ * border (grid_sample's padding_mode="border"). */
+static inline float bilinear(const float *pl, int h, int w, float fy, float fx) {
+    const float bx = clampf(fx, 0.0f, (float)(w - 1)), by = clampf(fy, 0.0f, (float)(h - 1));
+    const int x0 = (int)bx, y0 = (int)by; /* both >= 0 */
+    const int x1 = x0 + 1 < w ? x0 + 1 : w - 1, y1 = y0 + 1 < h ? y0 + 1 : h - 1;
+    const float ax = bx - x0, ay = by - y0;
+    const float top = pl[(size_t)y0 * w + x0] * (1.0f - ax) + pl[(size_t)y0 * w + x1] * ax;
+    const float bot = pl[(size_t)y1 * w + x0] * (1.0f - ax) + pl[(size_t)y1 * w + x1] * ax;
+    return top * (1.0f - ay) + bot * ay;
+}
+
+/* camera_effects.filmic: Narkowicz's ACES fit on 1.6 x, clamped to [0, 1]. */
+static inline float filmic(float x) {
+    const float a = 2.51f, b = 0.03f, c = 2.43f, d = 0.59f, e = 0.14f;
+    const float y = (x * 1.6f) * (a * x * 1.6f + b) / ((x * 1.6f) * (c * x * 1.6f + d) + e);
+    return clampf(y, 0.0f, 1.0f);
+}
+
+/* camera_effects._quantize_blocks on one (h, w) plane in place: 8x8 blocks (the plane
+ * padded by replication to whole blocks), orthonormal 2-D DCT-II, each coefficient
+ * rounded (half to even) to a multiple of table[u * 8 + v], and the inverse DCT.
+ * basis: (8, 8) c[u][x]. */
+static void quantize_plane(float *pl, int h, int w, const float *table, const float *basis) {
+    const int hb = (h + 7) / 8, wb = (w + 7) / 8;
+    int by, bx, u, v, x, y;
+    for (by = 0; by < hb; by++) {
+        for (bx = 0; bx < wb; bx++) {
+            float blk[8][8], tmp[8][8], coef[8][8];
+            for (y = 0; y < 8; y++) {
+                const int sy = by * 8 + y < h ? by * 8 + y : h - 1;
+                for (x = 0; x < 8; x++) {
+                    const int sx = bx * 8 + x < w ? bx * 8 + x : w - 1;
+                    blk[y][x] = pl[(size_t)sy * w + sx];
+                }
+            }
+            for (u = 0; u < 8; u++) /* rows: tmp[u][x] = sum_y c[u][y] blk[y][x] */
+                for (x = 0; x < 8; x++) {
+                    float acc = 0.0f;
+                    for (y = 0; y < 8; y++) acc += basis[u * 8 + y] * blk[y][x];
+                    tmp[u][x] = acc;
+                }
+            for (u = 0; u < 8; u++) /* columns, then quantize */
+                for (v = 0; v < 8; v++) {
+                    float acc = 0.0f;
+                    for (x = 0; x < 8; x++) acc += basis[v * 8 + x] * tmp[u][x];
+                    const float t = table[u * 8 + v];
+                    coef[u][v] = rint_fast(acc / t) * t;
+                }
+            for (y = 0; y < 8; y++) /* inverse: tmp[y][v] = sum_u c[u][y] coef[u][v] */
+                for (v = 0; v < 8; v++) {
+                    float acc = 0.0f;
+                    for (u = 0; u < 8; u++) acc += basis[u * 8 + y] * coef[u][v];
+                    tmp[y][v] = acc;
+                }
+            for (y = 0; y < 8; y++) {
+                if (by * 8 + y >= h) break;
+                for (x = 0; x < 8; x++) {
+                    if (bx * 8 + x >= w) break;
+                    float acc = 0.0f;
+                    for (v = 0; v < 8; v++) acc += basis[v * 8 + x] * tmp[y][v];
+                    pl[(size_t)(by * 8 + y) * w + bx * 8 + x] = acc;
+                }
+            }
+        }
+    }
+}
+
+/* The photo style's camera pipeline (camera_effects.apply) on img (n, 3, h, w) in place:
+ * white balance gains (n, 3) (NULL: none), lens blur (sigma px, 0: none), lateral
+ * chromatic aberration (ca_k: the relative magnification of red, 0: none), vignetting,
+ * the filmic response blend, signal-dependent noise from `bank` at `crop`, clamping,
+ * then JPEG at the given tables (luma, chroma: 64 each; NULL: no JPEG). rd2: (h, w).
+ */
+void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_sigma,
+                float ca_k, float vignetting, const float *rd2, float response, float shot2,
+                float read2, const float *bank, int bank_h, int bank_w, const int32_t *crop,
+                const float *luma_table, const float *chroma_table, const float *basis,
+                int threads) {
+    int i;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
+    for (i = 0; i < n; i++) {
+        const size_t plane = (size_t)h * w;
+        float *im = img + (size_t)i * 3 * plane;
+        int ch, r, c;
+        if (gains)
+            for (ch = 0; ch < 3; ch++)
+                for (size_t q = 0; q < plane; q++) im[ch * plane + q] *= gains[i * 3 + ch];
+        if (lens_sigma >= 0.05f) blur_planes(im, 3, h, w, lens_sigma);
+        if (ca_k > 0.0f) { /* red magnified, blue shrunk, about the centre */
+            float *copy = (float *)malloc(sizeof(float) * 2 * plane);
+            if (copy) {
+                memcpy(copy, im, sizeof(float) * plane);
+                memcpy(copy + plane, im + 2 * plane, sizeof(float) * plane);
+                for (r = 0; r < h; r++) {
+                    const float gy = h > 1 ? -1.0f + 2.0f * r / (float)(h - 1) : 0.0f;
+                    for (c = 0; c < w; c++) {
+                        const float gx = w > 1 ? -1.0f + 2.0f * c / (float)(w - 1) : 0.0f;
+                        const size_t q = (size_t)r * w + c;
+                        const float sr = 1.0f - ca_k, sb = 1.0f + ca_k;
+                        im[q] = bilinear(copy, h, w, (gy * sr + 1.0f) / 2.0f * (h - 1),
+                                         (gx * sr + 1.0f) / 2.0f * (w - 1));
+                        im[2 * plane + q] =
+                            bilinear(copy + plane, h, w, (gy * sb + 1.0f) / 2.0f * (h - 1),
+                                     (gx * sb + 1.0f) / 2.0f * (w - 1));
+                    }
+                }
+                free(copy);
+            }
+        }
+        const int dy = crop[i * 3], dxo = crop[i * 3 + 1], flip = crop[i * 3 + 2];
+        for (ch = 0; ch < 3; ch++) {
+            float *pl = im + ch * plane;
+            const float *nb = bank + (size_t)ch * bank_h * bank_w;
+            for (r = 0; r < h; r++) {
+                const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
+                for (c = 0; c < w; c++) {
+                    const size_t q = (size_t)r * w + c;
+                    float v = pl[q];
+                    if (vignetting > 0.0f) v = v * (1.0f - vignetting * rd2[q]);
+                    if (response > 0.0f)
+                        v = v * (1.0f - response) + filmic(clampf(v, 0.0f, 1.0f)) * response;
+                    if (shot2 > 0.0f || read2 > 0.0f)
+                        v = v + nrow[flip ? w - 1 - c : c] * sqrtf(maxf(v, 0.0f) * shot2 + read2);
+                    pl[q] = clampf(v, 0.0f, 1.0f);
+                }
+            }
+        }
+        if (!luma_table) continue;
+        /* JPEG: YCbCr, 4:2:0 chroma (2x2 means), blockwise quantization, back to RGB */
+        const int ch_h = (h + 1) / 2, ch_w = (w + 1) / 2;
+        const size_t cplane = (size_t)ch_h * ch_w;
+        float *yp = (float *)malloc(sizeof(float) * (plane + 2 * cplane));
+        if (!yp) continue;
+        float *cb = yp + plane, *cr = cb + cplane;
+        for (size_t q = 0; q < cplane; q++) cb[q] = cr[q] = 0.0f;
+        for (r = 0; r < h; r++)
+            for (c = 0; c < w; c++) {
+                const size_t q = (size_t)r * w + c, cq = (size_t)(r / 2) * ch_w + c / 2;
+                const float R = im[q] * 255.0f, G = im[plane + q] * 255.0f;
+                const float B = im[2 * plane + q] * 255.0f;
+                yp[q] = 0.299f * R + 0.587f * G + 0.114f * B - 128.0f;
+                cb[cq] += -0.168736f * R - 0.331264f * G + 0.5f * B;
+                cr[cq] += 0.5f * R - 0.418688f * G - 0.081312f * B;
+            }
+        for (r = 0; r < ch_h; r++)
+            for (c = 0; c < ch_w; c++) {
+                const int cnt = (2 * r + 1 < h ? 2 : 1) * (2 * c + 1 < w ? 2 : 1);
+                cb[(size_t)r * ch_w + c] /= (float)cnt;
+                cr[(size_t)r * ch_w + c] /= (float)cnt;
+            }
+        quantize_plane(yp, h, w, luma_table, basis);
+        quantize_plane(cb, ch_h, ch_w, chroma_table, basis);
+        quantize_plane(cr, ch_h, ch_w, chroma_table, basis);
+        for (r = 0; r < h; r++)
+            for (c = 0; c < w; c++) {
+                const size_t q = (size_t)r * w + c, cq = (size_t)(r / 2) * ch_w + c / 2;
+                const float Y = yp[q], Cb = cb[cq], Cr = cr[cq];
+                im[q] = clampf((Y + 1.402f * Cr + 128.0f) / 255.0f, 0.0f, 1.0f);
+                im[plane + q] =
+                    clampf((Y - 0.344136f * Cb - 0.714136f * Cr + 128.0f) / 255.0f, 0.0f, 1.0f);
+                im[2 * plane + q] = clampf((Y + 1.772f * Cb + 128.0f) / 255.0f, 0.0f, 1.0f);
+            }
+        free(yp);
     }
 }
 

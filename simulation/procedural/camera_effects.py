@@ -130,6 +130,16 @@ _Q_CHROMA = torch.tensor(
 
 
 @lru_cache(maxsize=1)
+def dct_basis() -> torch.Tensor:
+    """``(8, 8)`` orthonormal 1-D DCT-II basis ``c[frequency, position]``."""
+    k = torch.arange(8, dtype=torch.float64)
+    c = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16)  # (freq, pos)
+    c[0] /= math.sqrt(2)
+    c *= 0.5
+    return c.float()
+
+
+@lru_cache(maxsize=1)
 def _dct_matrix() -> torch.Tensor:
     """``(64, 64)`` orthonormal 2-D DCT-II basis for 8x8 blocks (row-major)."""
     k = torch.arange(8, dtype=torch.float64)
@@ -137,6 +147,12 @@ def _dct_matrix() -> torch.Tensor:
     c[0] /= math.sqrt(2)
     c *= 0.5
     return torch.kron(c, c).float()
+
+
+def jpeg_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(64,)`` luminance and chrominance quantization steps at ``quality``."""
+    scale = _quality_scale(quality)
+    return (_Q_LUMA * scale).clamp(1, 255), (_Q_CHROMA * scale).clamp(1, 255)
 
 
 def _quality_scale(quality: int) -> float:
@@ -157,9 +173,9 @@ def jpeg_compress(images: torch.Tensor, quality: int) -> torch.Tensor:
     cb = -0.168736 * r - 0.331264 * g + 0.5 * b
     cr = 0.5 * r - 0.418688 * g - 0.081312 * b
     chroma = F.avg_pool2d(torch.stack([cb, cr], 1), 2, ceil_mode=True)
-    scale = _quality_scale(quality)
-    y = _quantize_blocks(y[:, None], (_Q_LUMA * scale).clamp(1, 255))[:, 0]
-    chroma = _quantize_blocks(chroma, (_Q_CHROMA * scale).clamp(1, 255))
+    luma_table, chroma_table = jpeg_tables(quality)
+    y = _quantize_blocks(y[:, None], luma_table)[:, 0]
+    chroma = _quantize_blocks(chroma, chroma_table)
     chroma = F.interpolate(chroma, scale_factor=2, mode="nearest")[..., :h, :w]
     cb, cr = chroma[:, 0], chroma[:, 1]
     out = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
@@ -206,18 +222,28 @@ def filmic(x: torch.Tensor) -> torch.Tensor:
     return y.clamp(0, 1)
 
 
+def white_balance_gains(style: Style, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``(N, 3)`` per-frame RGB gains of a white-balance error drawn from each key."""
+    gains = []
+    for seed, index in keys:
+        r = np.random.default_rng([int(seed), int(index), 0xBA1])
+        t = r.normal(0.0, style.white_balance)  # warm/cool temperature error
+        tint = r.normal(0.0, style.white_balance / 2)  # green/magenta
+        gains.append([math.exp(t), math.exp(-tint), math.exp(-t)])
+    return torch.tensor(gains, dtype=torch.float32)
+
+
+def noise_keys(keys: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The keys of the camera's own noise crops (not the randomized sensor's)."""
+    return [(int(s) ^ 0xC0FFEE, int(i)) for s, i in keys]
+
+
 def apply(images: torch.Tensor, style: Style, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Apply ``style``'s camera pipeline to ``(N, 3, H, W)`` float images in [0, 1]."""
     n, _, h, w = images.shape
     out = images
     if style.white_balance > 0:
-        gains = []
-        for seed, index in keys:
-            r = np.random.default_rng([int(seed), int(index), 0xBA1])
-            t = r.normal(0.0, style.white_balance)  # warm/cool temperature error
-            tint = r.normal(0.0, style.white_balance / 2)  # green/magenta
-            gains.append([math.exp(t), math.exp(-tint), math.exp(-t)])
-        out = out * torch.tensor(gains, dtype=out.dtype)[:, :, None, None]
+        out = out * white_balance_gains(style, keys)[:, :, None, None]
     if style.lens_blur_px > 0:
         out = gaussian_blur(out, torch.full((n,), style.lens_blur_px))
     out = chromatic_aberration(out, style.chromatic_aberration_px)
@@ -227,8 +253,7 @@ def apply(images: torch.Tensor, style: Style, keys: Sequence[tuple[int, int]]) -
         out = out * (1 - style.response) + filmic(out.clamp(0, 1)) * style.response
     if style.shot_noise > 0 or style.read_noise > 0:
         sigma = torch.sqrt(out.clamp_min(0) * style.shot_noise**2 + style.read_noise**2)
-        shifted = [(int(s) ^ 0xC0FFEE, int(i)) for s, i in keys]
-        out = out + noise_crops(shifted, h, w) * sigma
+        out = out + noise_crops(noise_keys(keys), h, w) * sigma
     out = out.clamp(0, 1)
     if style.jpeg_quality > 0:
         out = jpeg_compress(out, style.jpeg_quality)

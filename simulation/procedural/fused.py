@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 from functools import lru_cache
 
 import torch
@@ -76,6 +77,9 @@ def library() -> ctypes.CDLL | None:
     lib.s2r_shade.argtypes += [_P, _P, _P, _I]
     lib.s2r_sensor.restype = None
     lib.s2r_sensor.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _I]
+    lib.s2r_camera.restype = None
+    lib.s2r_camera.argtypes = [_I, _I, _I, _P, _P, _F, _F, _F, _P, _F, _F, _F, _P, _I, _I, _P]
+    lib.s2r_camera.argtypes += [_P, _P, _P, _I]
     lib.s2r_roll.restype = None
     lib.s2r_roll.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
     return lib
@@ -282,3 +286,49 @@ def roll(
         threads or torch.get_num_threads(),
     )
     return out, out_labels
+
+
+def camera(images: torch.Tensor, style, keys, threads: int | None = None) -> torch.Tensor:
+    """:func:`simulation.procedural.camera_effects.apply` in one pass, in place.
+
+    Args:
+        images: ``(N, 3, H, W)`` contiguous float32 in [0, 1], overwritten.
+        style: the :class:`~simulation.procedural.styles.Style`; keys: ``N`` ``(seed,
+            index)`` pairs (white balance error, noise crop).
+    """
+    from simulation.procedural import camera_effects as ce
+
+    n, _, h, w = images.shape
+    gains = ce.white_balance_gains(style, keys) if style.white_balance > 0 else None
+    shift = style.chromatic_aberration_px
+    ca_k = shift / (0.5 * math.hypot(h, w)) if shift > 0 else 0.0
+    bank = noise_bank(h, w)
+    crop = torch.tensor(noise_offsets(ce.noise_keys(keys)), dtype=torch.int32).view(n, 3)
+    rd2 = (radial_distance(h, w) ** 2).contiguous()
+    luma = chroma = None
+    if style.jpeg_quality > 0:
+        luma, chroma = (t.contiguous() for t in ce.jpeg_tables(style.jpeg_quality))
+    basis = ce.dct_basis().contiguous()
+    library().s2r_camera(
+        n,
+        h,
+        w,
+        _ptr(images, torch.float32),
+        None if gains is None else _ptr(gains, torch.float32),
+        float(style.lens_blur_px),
+        float(ca_k),
+        float(style.vignetting),
+        _ptr(rd2, torch.float32),
+        float(style.response),
+        float(style.shot_noise**2),
+        float(style.read_noise**2),
+        _ptr(bank, torch.float32),
+        int(bank.shape[1]),
+        int(bank.shape[2]),
+        _ptr(crop, torch.int32),
+        None if luma is None else _ptr(luma, torch.float32),
+        None if chroma is None else _ptr(chroma, torch.float32),
+        _ptr(basis, torch.float32),
+        threads or torch.get_num_threads(),
+    )
+    return images

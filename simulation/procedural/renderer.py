@@ -261,11 +261,12 @@ class ProceduralRenderer:
                 light_k,
             )
             image = image.permute(0, 3, 1, 2).contiguous()
-        image = camera_effects.apply(image, self.style, keys)
         if self.passes == "fused":
+            image = fused.camera(image, self.style, keys, threads)
             image = fused.sensor(image.contiguous(), [p.sensor for p in params], keys, threads)
             image, label = fused.roll(image, label.contiguous(), g.roll.contiguous(), threads)
         else:
+            image = camera_effects.apply(image, self.style, keys)
             image = apply_sensor_effects(image, [p.sensor for p in params], keys)
             image, label = self._roll(image, label, g.roll)
         return image.clamp_(0.0, 1.0), label.numpy()
