@@ -15,7 +15,9 @@ at construction that every group's ranges really lie inside the region.
 
 from __future__ import annotations
 
+import bisect
 import colorsys
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -374,7 +376,11 @@ class Uniform:
     def sample(self, rng: np.random.Generator) -> float | int:
         if self.integer:
             return int(rng.integers(int(self.lo), int(self.hi) + 1))
-        return float(self.lo) if self.lo == self.hi else float(rng.uniform(self.lo, self.hi))
+        if self.lo == self.hi:
+            return float(self.lo)
+        # what rng.uniform(lo, hi) computes (lo + (hi - lo) * the next double), draw for
+        # draw, without its argument handling: a third of the time
+        return float(self.lo) + (float(self.hi) - float(self.lo)) * rng.random()
 
 
 def parse_range(
@@ -451,10 +457,25 @@ def parse_weights(value: Any, key: str, allowed: Sequence[str]) -> dict[str, flo
 def _choose(rng: np.random.Generator, probs: Mapping[str, float]) -> str:
     # the draw of ``rng.choice(len(names), p=...)`` (one ``random()`` against the normalized
     # cumulative sum), without its argument checks: same values, a fraction of the time
-    names = list(probs)
-    cdf = np.cumsum([probs[n] for n in names])
-    cdf /= cdf[-1]
-    return names[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(names) - 1)]
+    names, cum = _cumulative(probs)
+    cdf = [c / cum[-1] for c in cum]
+    return names[min(bisect.bisect_right(cdf, rng.random()), len(names) - 1)]
+
+
+_CUMULATIVE: dict[int, tuple[Mapping[str, float], list[str], list[float]]] = {}
+
+
+def _cumulative(probs: Mapping[str, float]) -> tuple[list[str], list[float]]:
+    """``probs``' names and running sums (float64, summed in order, as ``np.cumsum``),
+    cached per mapping: the randomizer's tables never change after construction."""
+    hit = _CUMULATIVE.get(id(probs))
+    if hit is None or hit[0] is not probs:
+        names = list(probs)
+        hit = (probs, names, list(itertools.accumulate(float(probs[n]) for n in names)))
+        if len(_CUMULATIVE) > 4096:
+            _CUMULATIVE.clear()
+        _CUMULATIVE[id(probs)] = hit
+    return hit[1], hit[2]
 
 
 # The region each group's weather must lie in: {group: {field: (lo, hi)}} with hi exclusive
@@ -777,11 +798,8 @@ _DISTRACTOR_RANGES = {
 def _pick(rng: np.random.Generator, probs: Mapping[str, float]) -> str:
     """One name drawn by ``probs`` with a single uniform (faster than :func:`_choose`, which
     the original draws keep so that old presets sample exactly as before)."""
-    names = list(probs)
-    cum = np.cumsum([probs[n] for n in names])
-    return names[
-        min(int(np.searchsorted(cum, rng.uniform() * cum[-1], side="right")), len(names) - 1)
-    ]
+    names, cum = _cumulative(probs)
+    return names[min(bisect.bisect_right(cum, rng.uniform() * cum[-1]), len(names) - 1)]
 
 
 class _Extras:

@@ -183,8 +183,10 @@ void s2r_surfaces(int n, int h, int w, const float *dx, const float *yw, const f
                 const float slope = dxv / zwc;
                 for (side = 0; side < 2; side++) {
                     const float fr = p[F_FRONT_L + side], ph = p[F_PHASE_L + side];
-                    const float z = side == 1 ? plane_depth(a, slope - ty, c0 + fr)
-                                              : plane_depth(-a, ty - slope, -fr - c0);
+                    const float q = side == 1 ? slope - ty : ty - slope;
+                    if (!(q > 0.0f)) continue; /* the ray turns away: no root (FAR) */
+                    const float z = side == 1 ? plane_depth(a, q, c0 + fr)
+                                              : plane_depth(-a, q, -fr - c0);
                     const float y = cam_h + z / zwc * ywv;
                     const float bi_f = floor_fast((z + ph) / blen);
                     if (!(bi_f >= 0.0f && bi_f < (float)NUM_BLOCKS)) continue;

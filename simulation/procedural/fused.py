@@ -288,6 +288,13 @@ def roll(
     return out, out_labels
 
 
+def has_camera_effects(style) -> bool:
+    """Whether ``style`` has any camera step (the ``sim`` style has none)."""
+    steps = ("white_balance", "lens_blur_px", "chromatic_aberration_px", "vignetting")
+    steps += ("response", "shot_noise", "read_noise", "jpeg_quality")
+    return any(getattr(style, k) > 0 for k in steps)
+
+
 def camera(images: torch.Tensor, style, keys, threads: int | None = None) -> torch.Tensor:
     """:func:`simulation.procedural.camera_effects.apply` in one pass, in place.
 
@@ -299,6 +306,8 @@ def camera(images: torch.Tensor, style, keys, threads: int | None = None) -> tor
     from simulation.procedural import camera_effects as ce
 
     n, _, h, w = images.shape
+    if not has_camera_effects(style):
+        return images
     gains = ce.white_balance_gains(style, keys) if style.white_balance > 0 else None
     shift = style.chromatic_aberration_px
     ca_k = shift / (0.5 * math.hypot(h, w)) if shift > 0 else 0.0
