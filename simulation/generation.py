@@ -115,18 +115,33 @@ def generate_shards(
     """Render and write ``shard_ids``; finalize the dataset when no shard is missing.
 
     A shard is written atomically, so a run killed at any point leaves only complete
-    shards behind and the next run continues with the missing ones.
+    shards behind and the next run continues with the missing ones. Shard ``k`` is
+    written (checksums, files, fsync) on a second thread while shard ``k + 1`` renders;
+    at most one write is pending, and a failed write stops the run with its error.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     ranges = writer.ranges
     total = sum(len(ranges[k]) for k in shard_ids)
     start = time.perf_counter()
-    with tqdm(total=total, unit="frame", disable=not progress, desc="generate") as bar:
-        for k in shard_ids:
-            batch = backend.render(list(ranges[k]))
-            writer.write_shard(k, batch)
-            bar.update(len(batch))
+    with (
+        tqdm(total=total, unit="frame", disable=not progress, desc="generate") as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool,
+    ):
+        pending = None
+        try:
+            for k in shard_ids:
+                batch = backend.render(list(ranges[k]))
+                if pending is not None:
+                    bar.update(pending.result())
+                pending = pool.submit(_write, writer, k, batch)
+            if pending is not None:
+                bar.update(pending.result())
+        finally:
+            if pending is not None:
+                pending.exception()  # a write in flight finishes (or fails) before we leave
     seconds = time.perf_counter() - start
     missing = [k for k in range(writer.num_shards) if not writer.shard_dir(k).is_dir()]
     complete = not missing
@@ -135,6 +150,11 @@ def generate_shards(
         with no_space_is_clear(writer.root, CONTACT_SHEET):
             contact_sheet(GeneratedDataset(writer.root), taxonomy, writer.root / CONTACT_SHEET)
     return GenerationResult(writer.root, total, seconds, complete)
+
+
+def _write(writer: DatasetWriter, shard_id: int, batch) -> int:
+    writer.write_shard(shard_id, batch)
+    return len(batch)
 
 
 def contact_sheet(
