@@ -730,10 +730,10 @@ void s2r_roll(int n, int h, int w, const float *src, const uint8_t *src_label,
         }
         for (r = 0; r < h; r++) {
             const float y = (2.0f * r + 1.0f) / h - 1.0f;
+            const float gx0 = y * t[1] + t[2], gy0 = y * t[4] + t[5];
             for (c = 0; c < w; c++) {
                 const float x = (2.0f * c + 1.0f) / w - 1.0f;
-                const float gx = x * t[0] + y * t[1] + t[2];
-                const float gy = x * t[3] + y * t[4] + t[5];
+                const float gx = x * t[0] + gx0, gy = x * t[3] + gy0;
                 const float fx = ((gx + 1.0f) * w - 1.0f) / 2.0f;
                 const float fy = ((gy + 1.0f) * h - 1.0f) / 2.0f;
                 const size_t q = (size_t)r * w + c;
