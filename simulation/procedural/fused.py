@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from simulation.procedural.kernels import roll_theta
 from simulation.sensor import _GAMMA, noise_bank, noise_offsets, radial_distance
 
 #: Per-frame columns of the ``frame`` table handed to :func:`surfaces` (``_fused.c``).
@@ -266,11 +267,7 @@ def roll(
         ``(images, labels)``, new tensors; frames with no roll are copied unchanged.
     """
     n, _, h, w = images.shape
-    c, s = torch.cos(angles), torch.sin(angles)
-    aspect = h / w
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = c, -s * aspect
-    theta[:, 1, 0], theta[:, 1, 1] = s / aspect, c
+    theta = roll_theta(angles, h, w)
     rolled = (angles != 0).to(torch.uint8).contiguous()
     out, out_labels = torch.empty_like(images), torch.empty_like(labels)
     library().s2r_roll(

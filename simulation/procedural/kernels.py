@@ -82,6 +82,17 @@ def rays(f: torch.Tensor, pitch: torch.Tensor, height: int, width: int):
     return dx, up * cp + sp, cp - up * sp
 
 
+def roll_theta(angles: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 2, 3)`` affine matrices (normalized image coordinates) rotating frames by
+    their roll ``angles (N,)`` (rad), the aspect ratio kept."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    aspect = height / width
+    theta = torch.zeros(len(angles), 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = c, -s * aspect
+    theta[:, 1, 0], theta[:, 1, 1] = s / aspect, c
+    return theta
+
+
 def plane_depth(a: torch.Tensor, q: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
     """Smallest positive root ``z`` of ``a z^2 - q z + cc = 0`` (``FAR`` where none).
 

@@ -533,11 +533,7 @@ class ProceduralRenderer:
         if not bool((roll != 0).any()):
             return image, label
         n, _, h, w = image.shape
-        c, s = torch.cos(roll), torch.sin(roll)
-        aspect = h / w
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1] = c, -s * aspect
-        theta[:, 1, 0], theta[:, 1, 1] = s / aspect, c
+        theta = kernels.roll_theta(roll, h, w)
         grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
         image = F.grid_sample(
             image, grid, mode="bilinear", padding_mode="border", align_corners=False
