@@ -25,7 +25,7 @@ SKIP = shutil.ignore_patterns(
     *("data", "dist", "docs", "outputs", "multirun", "mlruns", "tests"),
 )
 PROBE = (
-    "from simulation.procedural import fused; from simulation.procedural.backend import "
+    "from simulation.procedural import fused; from simulation.procedural.fused import "
     "resolve_kernels; print(fused.available(), resolve_kernels('auto'), fused.__file__)"
 )
 

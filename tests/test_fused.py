@@ -9,8 +9,7 @@ from omegaconf import OmegaConf
 
 from core.paths import config_dir
 from simulation.procedural import ProceduralBackend, fused
-from simulation.procedural import backend as backend_module
-from simulation.procedural.backend import resolve_kernels
+from simulation.procedural.fused import resolve_kernels
 from simulation.randomization import DomainRandomizer
 
 H, W = 64, 128
@@ -104,7 +103,7 @@ def test_auto_falls_back_to_the_tensor_kernels_without_the_extension(taxonomy, m
 def test_kernels_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"backend.kernels: expected auto, fused or torch, got 'c"):
         resolve_kernels("c")
-    monkeypatch.setattr(backend_module.fused, "available", lambda: True)
+    monkeypatch.setattr(fused, "available", lambda: True)
     assert resolve_kernels("auto") == "fused"
     assert resolve_kernels("auto", compile=True) == "torch"  # torch.compile asked for
     with pytest.raises(ValueError, match=r"backend.compile: torch.compile applies to the tensor"):

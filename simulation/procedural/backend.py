@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from simulation.frames import FrameBatch
-from simulation.procedural import fused
+from simulation.procedural.fused import resolve_kernels
 from simulation.procedural.renderer import ProceduralRenderer
 from simulation.procedural.styles import get_style
 from simulation.randomization import DomainRandomizer
@@ -18,26 +18,6 @@ from simulation.taxonomy import Taxonomy
 #: Bumped whenever the same parameters would render different pixels; the backend's
 #: ``version`` adds the passes (``-fused`` or ``-torch``), which agree within float rounding.
 RENDERER_VERSION = "2"
-
-
-def resolve_kernels(kernels: str, compile: bool = False) -> str:
-    """``backend.kernels`` (``auto``, ``fused`` or ``torch``) as the passes that will run."""
-    if kernels not in ("auto", "fused", "torch"):
-        raise ValueError(f"backend.kernels: expected auto, fused or torch, got {kernels!r}")
-    if kernels == "fused" and compile:
-        raise ValueError(
-            "backend.compile: torch.compile applies to the tensor kernels only; "
-            "set backend.kernels=torch with it, or drop backend.compile"
-        )
-    if kernels == "auto":
-        return "fused" if fused.available() and not compile else "torch"
-    if kernels == "fused" and not fused.available():
-        raise ValueError(
-            "backend.kernels: fused needs the compiled passes (simulation/procedural/_fused.c), "
-            "which this install lacks: `pip install` found no C compiler. Use "
-            "backend.kernels=auto or torch, or reinstall with a C compiler"
-        )
-    return kernels
 
 
 class ProceduralBackend:

@@ -91,6 +91,26 @@ def available() -> bool:
     return library() is not None
 
 
+def resolve_kernels(kernels: str, compile: bool = False) -> str:
+    """``backend.kernels`` (``auto``, ``fused`` or ``torch``) as the passes that will run."""
+    if kernels not in ("auto", "fused", "torch"):
+        raise ValueError(f"backend.kernels: expected auto, fused or torch, got {kernels!r}")
+    if kernels == "fused" and compile:
+        raise ValueError(
+            "backend.compile: torch.compile applies to the tensor kernels only; "
+            "set backend.kernels=torch with it, or drop backend.compile"
+        )
+    if kernels == "auto":
+        return "fused" if available() and not compile else "torch"
+    if kernels == "fused" and not available():
+        raise ValueError(
+            "backend.kernels: fused needs the compiled passes (simulation/procedural/_fused.c), "
+            "which this install lacks: `pip install` found no C compiler. Use "
+            "backend.kernels=auto or torch, or reinstall with a C compiler"
+        )
+    return kernels
+
+
 def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     if t.dtype != dtype or not t.is_contiguous():
         raise TypeError(f"expected a contiguous {dtype} tensor, got {t.dtype}")

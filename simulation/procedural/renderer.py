@@ -100,7 +100,8 @@ class ProceduralRenderer:
         compile: run the tensor kernels through ``torch.compile`` (faster for long runs,
             costs a one-off compilation of tens of seconds).
         passes: ``"fused"`` runs the per-pixel passes as compiled C loops
-            (:mod:`.fused`), ``"torch"`` as the tensor kernels of :mod:`.kernels`.
+            (:mod:`.fused`), ``"torch"`` as the tensor kernels of :mod:`.kernels`
+            (``"auto"``: :func:`.fused.resolve_kernels`).
     """
 
     def __init__(
@@ -112,14 +113,7 @@ class ProceduralRenderer:
         compile: bool = False,
         passes: str = "torch",
     ):
-        if passes not in ("torch", "fused"):
-            raise ValueError(f"backend.kernels: expected auto, fused or torch, got {passes!r}")
-        if passes == "fused" and not fused.available():
-            raise ValueError(
-                "backend.kernels: fused needs the compiled passes, which this install lacks "
-                "(no C compiler at `pip install` time); use auto or torch"
-            )
-        self.passes = passes
+        self.passes = fused.resolve_kernels(passes, compile)
         missing = [c for c in REQUIRED_CLASSES if c not in class_index]
         if missing:
             raise ValueError(f"taxonomy: the procedural backend needs classes {missing}")
