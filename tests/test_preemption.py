@@ -183,6 +183,81 @@ def test_sigterm_in_a_real_fit_saves_last_ckpt_at_that_step(tmp_path, uri):
     assert tags["preempted_0"] == "SIGTERM; saved checkpoints/last.ckpt (epoch 0, step 4)"
 
 
+# ------------------------------------------------------------- DDP: two CPU processes
+DDP_FIT = """
+import signal, sys
+import pytorch_lightning as pl, torch
+from torch.utils.data import DataLoader, TensorDataset
+from training.preemption import is_preemption, preemption_checkpoint
+
+out, signalled = sys.argv[1], int(sys.argv[2])
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.sent = False
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3 and self.global_rank == signalled and not self.sent:
+            self.sent = True  # mid-step: the other rank is on its way to the gradient all-reduce
+            signal.raise_signal(signal.SIGTERM)
+        (x,) = batch
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(40, 4)), batch_size=4)
+
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    callbacks=[preemption_checkpoint(out)],
+)
+try:
+    trainer.fit(Tiny())
+    print(f"rank {trainer.global_rank}: finished", flush=True)
+except BaseException as error:
+    print(f"rank {trainer.global_rank}: {type(error).__name__} at step {trainer.global_step}",
+          flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED if is_preemption(error) else 1)
+""".replace("preemption.EXIT_PREEMPTED", str(preemption.EXIT_PREEMPTED))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_sigterm_mid_step_on_one_ddp_rank_stops_both_at_the_same_step(tmp_path, signalled):
+    """SIGTERM to one process of a 2-process fit, in the middle of a training step: Lightning
+    alone runs a broadcast in its signal handler, which meets the other rank's gradient
+    all-reduce and hangs both. With the callback both stop after that step and one
+    checkpoint holds it."""
+    script = tmp_path / "fit.py"
+    script.write_text(DDP_FIT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(signalled)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # rank 1 is its child: one group to kill on a hang
+    )
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the 2-process fit hung after SIGTERM:\n{out[-3000:]}")
+    assert proc.returncode == preemption.EXIT_PREEMPTED, out[-3000:]
+    stops = sorted(re.findall(r"rank (\d): (\w+) at step (\d+)", out))
+    assert stops == [("0", "SIGTERMException", "4"), ("1", "SIGTERMException", "4")], out[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
 # ------------------------------------------------------------- scripts/train.py, end to end
 TRAIN = [
     "experiment=source_only",
@@ -247,7 +322,12 @@ def first_epoch_saved(tmp_path: Path):
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600.0) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"training did not end within {timeout:.0f} s:\n{out[-3000:]}")
     return proc.returncode, out
 
 

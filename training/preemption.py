@@ -2,12 +2,19 @@
 stage's training saves its checkpoint, the process exits with :data:`EXIT_PREEMPTED`, and
 the rerun of the same command resumes the stage from that checkpoint.
 
-Lightning does the signal part. While a ``Trainer`` fits or tests, its signal connector
-turns SIGTERM into ``trainer.received_sigterm`` (forwarded to the other DDP ranks, agreed
-on by a broadcast every step) and raises ``SIGTERMException`` at the next batch boundary.
-This module adds what a stage needs around that:
+Lightning does the signal part in one process. While a ``Trainer`` fits or tests, its
+signal connector turns SIGTERM into ``trainer.received_sigterm`` and its loops raise
+``SIGTERMException`` at the next batch boundary. Under DDP its handler also runs a
+``broadcast`` from inside the signal handler (Lightning 2.5+), which pairs with whatever
+collective the other rank is in at that moment -- a gradient all-reduce mid-step -- and
+hangs both processes (seen in CI: a 2-process CPU fit never exited after SIGTERM). So in a
+multi-process fit the callback below takes SIGTERM over:
 
-* :func:`preemption_checkpoint`, a callback: on that exception during ``fit`` every rank
+* :func:`preemption_checkpoint`, a callback. With more than one process its own SIGTERM
+  handler only notes the signal; at each training batch's end (and at the end of
+  validation and of each test batch) every rank all-reduces that note (max), so all of
+  them set ``received_sigterm`` at the same step and Lightning stops them together,
+  whichever rank was signalled. On the ``SIGTERMException`` during ``fit`` every rank
   takes part in ``trainer.save_checkpoint`` and rank zero moves the file into place as
   ``checkpoints/last.ckpt`` in one rename -- the file the stage store resumes from;
 * :func:`resume_checkpoint`: the newest of ``last.ckpt`` and the ``hpc_ckpt_<n>.ckpt``
@@ -26,6 +33,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +102,56 @@ def _callback_class() -> type:
             self.dirpath = dirpath
             self.saved: Path | None = None
             self.position: tuple[int, int] | None = None
+            self.signalled = False
+
+        # -- SIGTERM under DDP: note in the handler, agree at batch boundaries
+        def _take_over_sigterm(self, trainer: Any) -> None:
+            """Replace Lightning's SIGTERM handler (it runs a collective) with one that
+            only notes the signal; Lightning's teardown puts the pre-fit handler back."""
+            if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._note)
+
+        def _note(self, signum: int, frame: Any) -> None:
+            self.signalled = True  # nothing else: a handler runs between any two bytecodes
+
+        def _agree(self, trainer: Any) -> None:
+            """All ranks learn whether any was signalled (one all-reduce, called at the same
+            point on every rank) and tell Lightning, whose loops then stop together."""
+            if trainer.world_size <= 1:
+                return
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(self.signalled)], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not trainer.received_sigterm:
+                self.signalled = True
+                trainer._signal_connector.received_sigterm = True  # what the loops read
+                if trainer.is_global_zero:
+                    log.info(
+                        "SIGTERM: all %d processes stop at step %d",
+                        trainer.world_size,
+                        trainer.global_step,
+                    )
+
+        def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+            self._take_over_sigterm(trainer)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self._take_over_sigterm(trainer)
+
+        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+            self._take_over_sigterm(trainer)
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            self._agree(trainer)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                self._agree(trainer)
+
+        def on_test_batch_end(self, trainer: Any, *args: Any) -> None:
+            self._agree(trainer)
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             if not is_preemption(exception) or trainer.state.fn != TrainerFn.FITTING:
