@@ -25,6 +25,16 @@ MLFLOW_ENV = (
     "MLFLOW_RUN_ID",
 )
 
+# Under pytest-xdist (``-n``, as ``pyproject.toml`` sets) the workers share the machine's
+# cores: each gets its share of threads, and so do the processes its tests start (the
+# variables are read by torch's OpenMP pool and inherited by subprocesses). Two workers
+# with two threads each on two cores make every training test slower than one worker.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
 # MLflow 3 (checked on 3.17) starts its telemetry client when ``mlflow`` is imported, which
 # happens while test modules are collected -- before any fixture runs -- and reads
 # MLFLOW_DISABLE_TELEMETRY (there is no MLFLOW_ENABLE_TELEMETRY; DO_NOT_TRACK=true works
