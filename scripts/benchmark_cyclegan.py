@@ -17,9 +17,9 @@ loop without a Trainer: both generators forward, cycle and identity passes, gene
 (discriminators frozen, as ``toggle_optimizer`` does), then both discriminators on real and
 pooled fake images, discriminator update -- two Adam steps. Our iteration is timed in the
 ``--forms`` asked (default ``fp32``, ``bf16`` autocast as ``trainer.precision=bf16-mixed``
-runs it, and ``bf16+cl`` with channels_last; ``bf16+cl+compile`` adds ``torch.compile``),
-each from the same initial weights, and each form's speed-up is printed against the
-reference and against the form before it (each step's own gain). ``--curve-iters N``
+runs it, and ``bf16+cl`` with channels_last; ``bf16+compile`` and ``bf16+cl+compile`` add
+``torch.compile``), each from the same initial weights, and each form's speed-up is printed
+against the reference and against the form before it (each step's own gain). ``--curve-iters N``
 records the generator and discriminator losses of the fastest form and of the reference
 over the same first N iterations (smooth random images, the same batches for both) and
 prints how well the curves agree in trend. ``--lightning`` also times the
@@ -109,6 +109,7 @@ FORMS: dict[str, tuple[bool, bool, bool]] = {
     "fp32": (False, False, False),
     "bf16": (True, False, False),
     "bf16+cl": (True, True, False),
+    "bf16+compile": (True, False, True),
     "bf16+cl+compile": (True, True, True),
 }
 #: Forms timed unless ``--forms`` says otherwise (compiling takes minutes on 2 cores).
