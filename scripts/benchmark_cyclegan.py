@@ -454,7 +454,7 @@ def _n_params(module: torch.nn.Module) -> int:
 
 def _row(name: str, s: dict[str, Any]) -> str:
     return (
-        f"  {name:10s} {s['median_s']:9.3f} {s['mean_s']:9.3f} {s['min_s']:9.3f} "
+        f"  {name:22s} {s['median_s']:9.3f} {s['mean_s']:9.3f} {s['min_s']:9.3f} "
         f"{s['max_s']:9.3f} {s['images_per_s']:9.2f} {s.get('cpu_median_s', float('nan')):9.3f}"
     )
 
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"warm-up, {interleave}plain loop"
         )
         print(
-            f"  {'impl':10s} {'median':>9s} {'mean':>9s} {'min':>9s} {'max':>9s} {'images/s':>9s}"
+            f"  {'impl':22s} {'median':>9s} {'mean':>9s} {'min':>9s} {'max':>9s} {'images/s':>9s}"
             f" {'cpu_s':>9s}"
         )
         for k, s in train.items():
