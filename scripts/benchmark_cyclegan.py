@@ -127,13 +127,12 @@ def our_trainer_free_step(
     switches they perform. Not done: the LR schedule (a constant factor here) and logging.
     ``bf16`` runs both halves under ``torch.autocast`` as ``trainer.precision=bf16-mixed``
     does (losses in fp32, weights and Adam state in fp32); ``channels_last`` puts weights
-    and images in NHWC; ``compile`` wraps the four networks in ``torch.compile``.
+    and images in NHWC; ``compile`` compiles the four networks in place as the stage does.
     """
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        for name in ("g_sim2real", "g_real2sim", "d_real", "d_sim"):
-            setattr(model, name, torch.compile(getattr(model, name)))
+        model.compile_networks()  # what adaptation.cyclegan.compile=true does
     opt_g, opt_d = model.configure_optimizers()
     g_params = [p for group in opt_g.param_groups for p in group["params"]]
     d_params = [p for group in opt_d.param_groups for p in group["params"]]

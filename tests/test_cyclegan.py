@@ -286,3 +286,23 @@ def test_translate_shape_range_and_size_checks(trained, tmp_path):
     with pytest.raises(ValueError, match="channels"):
         fresh.translate(torch.rand(1, 1, 32, 32))
     assert torch.allclose(fresh.translate(images), out)
+
+
+@pytest.mark.slow  # compiles a generator and a discriminator (about 30 s on 2 CPU cores)
+def test_compiled_networks_keep_their_keys_and_compute_the_same():
+    """``adaptation.cyclegan.compile=true``: the networks compiled in place give the eager
+    outputs to float rounding, and the state_dict (checkpoints, the saved generator) keeps
+    its keys."""
+    model = CycleGAN(g_ngf=4, g_blocks=1, d_ndf=4, d_layers=2, seed=0)
+    keys = list(model.state_dict())
+    x = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        eager_g, eager_d = model.g_sim2real(x), model.d_real(x)
+    model.compile_networks()
+    nets = (model.g_sim2real, model.g_real2sim, model.d_real, model.d_sim)
+    assert all(net._compiled_call_impl is not None for net in nets)  # nn.Module.compile's
+    with torch.no_grad():
+        compiled_g, compiled_d = model.g_sim2real(x), model.d_real(x)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled_g, eager_g, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_d, eager_d, atol=1e-4, rtol=1e-4)

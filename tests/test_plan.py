@@ -39,6 +39,7 @@ def test_a_tighter_guard_reruns_the_translation_but_not_the_cyclegan(tmp_path):
     [
         "adaptation.cyclegan.image_every=3",
         "adaptation.cyclegan.translate_batch_size=2",
+        "adaptation.cyclegan.compile=true",
         "data.loader.num_workers=2",
         "progress=true",
         "retries=3",
@@ -113,6 +114,10 @@ def test_compare_finds_cyclegan_adapted_stages_by_hash(tmp_path):
             r"adaptation.cyclegan.guard.max_corruption: expected a number in \[0, 1\], got 1.5",
         ),
         ("adaptation=dann adaptation.dann.gamma=-1", r"adaptation.dann.gamma: expected"),
+        (
+            "adaptation=cyclegan adaptation.cyclegan.compile=maybe",
+            r"adaptation.cyclegan.compile: expected true or false, got 'maybe'",
+        ),
         (
             "adaptation=cyclegan adaptation.cyclegan.guard.max_corruption=half",
             r"adaptation.cyclegan.guard.max_corruption: expected a number in \[0, 1\], got 'half'",

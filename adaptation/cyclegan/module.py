@@ -255,6 +255,14 @@ class CycleGAN(pl.LightningModule):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
+    def compile_networks(self) -> None:
+        """``torch.compile`` both generators and both discriminators in place
+        (``nn.Module.compile``): their ``state_dict`` keys stay, so checkpoints, resume and
+        the saved generator are as without it. The first steps compile (about 100 s at the
+        small config on 2 CPU cores, 145 s at the reference size)."""
+        for net in (self.g_sim2real, self.g_real2sim, self.d_real, self.d_sim):
+            net.compile()
+
     def translate(self, images01: torch.Tensor, check_size: bool = True) -> torch.Tensor:
         """Translate sim images to the real domain.
 

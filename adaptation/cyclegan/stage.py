@@ -284,6 +284,8 @@ class CycleGANTranslation(PixelAdaptation):
         translate_batch_size: images per translation batch.
         guard: ``frames``, ``max_corruption``, ``max_class_corruption``,
             ``min_class_pixels`` (:class:`~adaptation.cyclegan.translate.GuardLimits`).
+        compile: ``torch.compile`` the four networks in place before training (a speed
+            setting: not part of the generator's identity; README, "Performance").
         key: where this component sits in the config, for messages.
     """
 
@@ -298,6 +300,7 @@ class CycleGANTranslation(PixelAdaptation):
         image_every: int = 100,
         translate_batch_size: int = 16,
         guard: Mapping[str, Any] | None = None,
+        compile: bool = False,
         key: str = KEY,
     ) -> None:
         from omegaconf import OmegaConf
@@ -337,6 +340,9 @@ class CycleGANTranslation(PixelAdaptation):
             else:
                 limits[name] = float(check_number(f"{key}.guard.{name}", value, low=0, high=1))
         self.limits = GuardLimits(**limits)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"{key}.compile: expected true or false, got {compile!r}")
+        self.compile = compile
         self._given: tuple[Path, str] | None = None  # the resolved ``generator``
 
     # -------------------------------------------------------------- identities
@@ -472,6 +478,8 @@ class CycleGANTranslation(PixelAdaptation):
         sim, real = datasets["sim_train"], unlabeled_real(datasets)
         with seeded(run.seed):  # the same seed, the same initial weights
             model = instantiate(self.model, semantic_model=segmenter, seed=run.seed)
+        if self.compile:
+            model.compile_networks()
         n_show = min(4, len(sim), len(real))
         show_sim = sim if datasets.get("sim_val") is None else datasets["sim_val"]
         sample_sim = torch.stack([show_sim[i]["image"] for i in range(n_show)])
@@ -553,6 +561,7 @@ class CycleGANTranslation(PixelAdaptation):
             "image_every": self.image_every,
             "translate_batch_size": self.translate_batch_size,
             "guard": {"frames": self.guard_frames, **vars(self.limits)},
+            "compile": self.compile,
         }
 
     def _translate(
