@@ -306,3 +306,10 @@ def test_compiled_networks_keep_their_keys_and_compute_the_same():
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(compiled_g, eager_g, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled_d, eager_d, atol=1e-4, rtol=1e-4)
+
+
+def test_translate_builds_no_autograd_graph():
+    """Inference only: no graph is kept (a decorator once slid off onto another method)."""
+    model = CycleGAN(g_ngf=4, g_blocks=1, d_ndf=4, d_layers=2, seed=0)
+    out = model.translate(torch.rand(1, 3, 32, 64), check_size=False)
+    assert out.shape == (1, 3, 32, 64) and not out.requires_grad

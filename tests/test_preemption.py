@@ -188,7 +188,7 @@ DDP_FIT = """
 import signal, sys
 import pytorch_lightning as pl, torch
 from torch.utils.data import DataLoader, TensorDataset
-from training.preemption import is_preemption, preemption_checkpoint
+from training.preemption import EXIT_PREEMPTED, is_preemption, preemption_checkpoint
 
 out, signalled = sys.argv[1], int(sys.argv[2])
 
@@ -222,8 +222,8 @@ try:
 except BaseException as error:
     print(f"rank {trainer.global_rank}: {type(error).__name__} at step {trainer.global_step}",
           flush=True)
-    sys.exit(preemption.EXIT_PREEMPTED if is_preemption(error) else 1)
-""".replace("preemption.EXIT_PREEMPTED", str(preemption.EXIT_PREEMPTED))
+    sys.exit(EXIT_PREEMPTED if is_preemption(error) else 1)
+"""
 
 
 @pytest.mark.slow

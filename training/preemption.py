@@ -125,7 +125,6 @@ def _callback_class() -> type:
             flag = torch.tensor([int(self.signalled)], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() and not trainer.received_sigterm:
-                self.signalled = True
                 trainer._signal_connector.received_sigterm = True  # what the loops read
                 if trainer.is_global_zero:
                     log.info(

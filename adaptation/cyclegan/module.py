@@ -253,8 +253,6 @@ class CycleGAN(pl.LightningModule):
         logged["cyclegan/lr"] = lr
         self.log_dict(logged, on_step=True, prog_bar=False, batch_size=sim.shape[0])
 
-    # ---------------------------------------------------------------- inference
-    @torch.no_grad()
     def compile_networks(self) -> None:
         """``torch.compile`` both generators and both discriminators in place
         (``nn.Module.compile``): their ``state_dict`` keys stay, so checkpoints, resume and
@@ -263,6 +261,8 @@ class CycleGAN(pl.LightningModule):
         for net in (self.g_sim2real, self.g_real2sim, self.d_real, self.d_sim):
             net.compile()
 
+    # ---------------------------------------------------------------- inference
+    @torch.no_grad()
     def translate(self, images01: torch.Tensor, check_size: bool = True) -> torch.Tensor:
         """Translate sim images to the real domain.
 
