@@ -11,7 +11,7 @@ from setuptools.command.build_ext import build_ext
 FLAGS = {  # compiler type -> (compile flags, OpenMP compile flags, OpenMP link flags)
     "msvc": (["/O2", "/fp:precise"], ["/openmp"], []),
     "unix": (
-        ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"],
+        ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math"],
         ["-fopenmp"],
         ["-fopenmp"],
     ),

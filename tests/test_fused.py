@@ -56,6 +56,32 @@ def test_fused_passes_agree_with_the_tensor_kernels(taxonomy, preset, style):
     assert ref.records[0]["backend_version"].endswith("-torch")
 
 
+@needs_fused
+@pytest.mark.parametrize("preset, style", [("full", "sim"), ("appearance", "photo")])
+def test_every_instruction_set_writes_the_same_bytes(taxonomy, preset, style):
+    """The vectorized passes are compiled for baseline x86-64, AVX2 and AVX-512 and the
+    widest the CPU has runs: each must write exactly the bytes of the others."""
+    widest = fused.isa()
+    if widest == "baseline":
+        pytest.skip("this CPU has neither AVX2 nor AVX-512: one variant only")
+    frames = {}
+    try:
+        for name in fused.ISA_NAMES[: fused.ISA_NAMES.index(widest) + 1]:
+            assert fused.isa(name) == name
+            frames[name] = _frames(taxonomy, preset, style, "fused", range(12))
+    finally:
+        fused.isa(fused.ISA_NAMES[-1])
+    assert fused.isa() == widest
+    for name, batch in frames.items():
+        np.testing.assert_array_equal(batch.images, frames["baseline"].images, err_msg=name)
+        np.testing.assert_array_equal(batch.masks, frames["baseline"].masks, err_msg=name)
+
+
+def test_isa_names_are_checked():
+    with pytest.raises(ValueError, match="expected one of .*'avx512'.*, got 'sse9'"):
+        fused.isa("sse9")
+
+
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("fused", marks=needs_fused)])
 def test_frames_depend_only_on_their_index(taxonomy, kernels):
     """Any batch, any thread count, the pool of render threads or none: the same bytes,

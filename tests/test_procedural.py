@@ -68,7 +68,7 @@ def renderer(taxonomy, style=SIM) -> ProceduralRenderer:
 
 def render_one(r: ProceduralRenderer, p: SceneParams, seed: int = 3, index: int = 0):
     image, mask = r.render([p], [(seed, index)])
-    return (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mask[0]
+    return image[0], mask[0]
 
 
 def test_same_seed_same_frames_in_any_batch(taxonomy, randomizer_full):

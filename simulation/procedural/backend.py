@@ -119,8 +119,7 @@ class ProceduralBackend:
         """``(images (n, H, W, 3) uint8, masks (n, H, W) uint8, records)`` of ``chunk``."""
         params = [self.style.adjust(self.randomizer.sample(self.seed, i)) for i in chunk]
         keys = [(self.seed, i) for i in chunk]
-        img, mask = self.renderer.render(params, keys, threads)
-        image = (img.permute(0, 2, 3, 1) * 255.0 + 0.5).clamp_(0, 255).byte().numpy()
+        image, mask = self.renderer.render(params, keys, threads)
         records = [
             {
                 "index": i,

@@ -81,14 +81,30 @@ def library() -> ctypes.CDLL | None:
     lib.s2r_camera.restype = None
     lib.s2r_camera.argtypes = [_I, _I, _I, _P, _P, _F, _F, _F, _P, _F, _F, _F, _P, _I, _I, _P]
     lib.s2r_camera.argtypes += [_P, _P, _P, _I]
-    lib.s2r_roll.restype = None
-    lib.s2r_roll.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+    lib.s2r_finish.restype = None
+    lib.s2r_finish.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+    lib.s2r_isa.restype = _I
+    lib.s2r_isa.argtypes = [_I]
     return lib
 
 
 def available() -> bool:
     """Whether the compiled passes can run here."""
     return library() is not None
+
+
+ISA_NAMES = ("baseline", "avx2", "avx512")
+
+
+def isa(limit: str | None = None) -> str:
+    """The instruction set the vectorized passes run with: the widest this CPU has
+    (``baseline`` x86-64, ``avx2`` or ``avx512``), at most ``limit`` when given (for
+    the rest of the process). All of them write the same bytes."""
+    if limit is not None and limit not in ISA_NAMES:
+        raise ValueError(f"expected one of {ISA_NAMES}, got {limit!r}")
+    if library() is None:
+        raise RuntimeError("the compiled passes were not built: no instruction set to choose")
+    return ISA_NAMES[library().s2r_isa(-1 if limit is None else ISA_NAMES.index(limit))]
 
 
 def resolve_kernels(kernels: str, compile: bool = False) -> str:
@@ -274,23 +290,27 @@ def sensor(images: torch.Tensor, sensors, keys, threads: int | None = None) -> t
     return images
 
 
-def roll(
+def finish(
     images: torch.Tensor, labels: torch.Tensor, angles: torch.Tensor, threads: int | None = None
 ):
-    """The camera's roll: frames rotated by ``angles (N,)`` (rad), labels by nearest
-    neighbour with 255 where the rotated view leaves the original one.
+    """The last pass: the camera's roll and the image as bytes.
+
+    Frames are rotated by ``angles (N,)`` (rad), the image bilinearly, the labels by
+    nearest neighbour with 255 where the rotated view leaves the original one; then the
+    image, clamped to [0, 1], is stored as ``round(255 v)``.
 
     Args:
         images: ``(N, 3, H, W)`` float32; labels: ``(N, H, W)`` uint8.
 
     Returns:
-        ``(images, labels)``, new tensors; frames with no roll are copied unchanged.
+        ``(images (N, H, W, 3) uint8, labels (N, H, W) uint8)``, new tensors.
     """
     n, _, h, w = images.shape
     theta = roll_theta(angles, h, w)
     rolled = (angles != 0).to(torch.uint8).contiguous()
-    out, out_labels = torch.empty_like(images), torch.empty_like(labels)
-    library().s2r_roll(
+    out = torch.empty(n, h, w, 3, dtype=torch.uint8)
+    out_labels = torch.empty_like(labels)
+    library().s2r_finish(
         n,
         h,
         w,

@@ -172,7 +172,8 @@ class ProceduralRenderer:
             threads: OpenMP threads of the fused passes (default: torch's thread count).
 
         Returns:
-            ``(images (N, 3, H, W) float in [0, 1], masks (N, H, W) uint8)``.
+            ``(images (N, H, W, 3) uint8 RGB, masks (N, H, W) uint8)``: the image
+            clamped to [0, 1] and stored as ``round(255 v)``.
         """
         h, w = self.height, self.width
         rngs = [np.random.default_rng([int(sd), int(i), 0x1A70]) for sd, i in keys]
@@ -258,12 +259,14 @@ class ProceduralRenderer:
         if self.passes == "fused":
             image = fused.camera(image, self.style, keys, threads)
             image = fused.sensor(image.contiguous(), [p.sensor for p in params], keys, threads)
-            image, label = fused.roll(image, label.contiguous(), g.roll.contiguous(), threads)
+            image, label = fused.finish(image, label.contiguous(), g.roll.contiguous(), threads)
         else:
             image = camera_effects.apply(image, self.style, keys)
             image = apply_sensor_effects(image, [p.sensor for p in params], keys)
             image, label = self._roll(image, label, g.roll)
-        return image.clamp_(0.0, 1.0), label.numpy()
+            image = (image.clamp_(0.0, 1.0).permute(0, 2, 3, 1) * 255.0 + 0.5).clamp_(0, 255)
+            image = image.byte()
+        return image.numpy(), label.numpy()
 
     @staticmethod
     def _streak_offsets(params: Sequence[SceneParams], keys) -> list[tuple[int, int, int] | None]:
