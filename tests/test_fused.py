@@ -147,3 +147,44 @@ def test_library_is_none_where_the_module_is_not_a_compiled_one(monkeypatch):
     finally:
         monkeypatch.undo()
         fused.library.cache_clear()
+
+
+@needs_fused
+@pytest.mark.parametrize("decal", [False, True])
+def test_compiled_sprites_write_the_bytes_of_the_numpy_rasterizer(decal):
+    """Overlapping sprites at equal depths (the later wins), sprites half outside the
+    frame, behind the camera or of no size, textured canopies: the C loop and
+    sprites.rasterize leave every buffer byte for byte the same."""
+    from simulation.procedural import sprites as sp
+    from simulation.procedural import textures
+
+    rng = np.random.default_rng(7)
+    n, h, w, count = 3, 40, 60, 90
+    sprites = sp.Sprites(
+        frame=np.sort(rng.integers(0, n, count)),
+        u0=rng.uniform(-20, 70, count),
+        v0=rng.uniform(-15, 45, count),
+        w=rng.uniform(1e-3, 30, count),
+        h=rng.uniform(1e-3, 30, count),
+        depth=rng.choice([-1.0, 3.0, 5.0, 5.0, 8.5], count).astype(np.float32),
+        template=rng.integers(0, len(sp.TEMPLATES), count),
+        label=rng.integers(0, 11, count).astype(np.uint8),
+        color=rng.uniform(0, 1, (count, 3)).astype(np.float32),
+        texture=rng.choice([0.0, 0.4, 0.9], count).astype(np.float32),
+        decal=np.full(count, decal),
+    )
+    start = {
+        "depth": rng.choice([4.0, 6.0, 1e4], (n, h, w)).astype(np.float32),
+        "label": rng.integers(0, 11, (n, h, w)).astype(np.uint8),
+        "albedo": rng.uniform(0, 1, (n, h, w, 3)).astype(np.float32),
+        "emissive": np.zeros((n, h, w), np.float32),
+    }
+    fixed = rng.uniform(0, 1, (sp.NUM_PARTS, 3)).astype(np.float32)
+    tile = None if decal else textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
+    ref = {k: v.copy() for k, v in start.items()}
+    new = {k: v.copy() for k, v in start.items()}
+    sp.rasterize(sprites, *ref.values(), fixed, decal, tile=tile)
+    fused.sprites(sprites, *new.values(), fixed, decal, tile=tile)
+    for k in start:
+        np.testing.assert_array_equal(new[k], ref[k], err_msg=k)
+    assert not np.array_equal(new["albedo"], start["albedo"])  # something was drawn

@@ -147,17 +147,254 @@ int s2r_isa(int cap) {
     return have < isa_cap ? have : isa_cap;
 }
 
-/* Three compiled copies of the per-frame body NAME##_body: NAME##_0, _1 and _2. */
+/* Three compiled copies of the body NAME##_body: NAME##_0, _1 and _2. Kept apart (not
+ * inlined), so that the restrict qualifiers of their arguments hold for the vectorizer. */
 #ifdef S2R_DISPATCH
-#define S2R_VARIANTS(NAME, PARAMS, ARGS)                         \
-    static void NAME##_0 PARAMS { NAME##_body ARGS; }            \
-    S2R_AVX2 static void NAME##_1 PARAMS { NAME##_body ARGS; }   \
-    S2R_AVX512 static void NAME##_2 PARAMS { NAME##_body ARGS; }
+#define S2R_VARIANTS(NAME, PARAMS, ARGS)                                            \
+    static __attribute__((noinline)) void NAME##_0 PARAMS { NAME##_body ARGS; }          \
+    S2R_AVX2 static __attribute__((noinline)) void NAME##_1 PARAMS { NAME##_body ARGS; } \
+    S2R_AVX512 static __attribute__((noinline)) void NAME##_2 PARAMS { NAME##_body ARGS; }
 #define S2R_PICK(NAME, LEVEL) ((LEVEL) == 2 ? NAME##_2 : ((LEVEL) == 1 ? NAME##_1 : NAME##_0))
 #else
 #define S2R_VARIANTS(NAME, PARAMS, ARGS) static void NAME##_0 PARAMS { NAME##_body ARGS; }
 #define S2R_PICK(NAME, LEVEL) NAME##_0
 #endif
+
+/* rintf (half to even) and floorf, exact for every float and branch-free, so that
+ * loops using them vectorize: |x| < 2^22 rounds by adding 1.5 * 2^23, 2^22 <= |x| <
+ * 2^23 by adding 2^23 with x's sign, and larger floats are whole already. The sign of
+ * a zero result may differ from libm's; it only meets comparisons and conversions. */
+static inline float rint_vec(float x) {
+    const float small = (x + 12582912.0f) - 12582912.0f;
+    const float s = x < 0.0f ? -8388608.0f : 8388608.0f;
+    const float mid = (x + s) - s;
+    const float m = fabsf(x);
+    const float r = m < 8388608.0f ? mid : x;
+    return m < EXACT_INT ? small : r;
+}
+static inline float floor_vec(float x) {
+    const float r = rint_vec(x);
+    return r > x ? r - 1.0f : r;
+}
+
+/* kernels.plane_depth without branches (for the vectorized frontage rows). */
+static inline float plane_depth_vec(float a, float q, float cc) {
+    const float disc = q * q - 4.0f * a * cc;
+    const float z = 2.0f * cc / (q + sqrtf(maxf(disc, 0.0f)));
+    return ((disc >= 0.0f) & (q > 0.0f) & (z > 0.05f)) ? z : FAR;
+}
+
+/* The arguments of s2r_surfaces, for its per-frame body. */
+typedef struct {
+    int h, w, levels, appearance;
+    const float *dx, *yw, *zw, *frame, *top, *palette, *noise, *tiles, *tints;
+    const int32_t *kind, *color, *classes, *family;
+    float texture;
+    float *depth, *height, *emissive, *albedo;
+    uint8_t *label, *surface, *puddle;
+} SurfArgs;
+
+/* Row buffers of one frame of s2r_surfaces: 8 float and 6 int32 rows of w. */
+typedef struct {
+    float *dep, *hgt, *tu, *tv, *em, *fz, *fy, *ftp;
+    int32_t *lab, *mat, *surf, *fk, *fcol, *fbi;
+} SurfRows;
+
+/* A ground row (kernels.background): road, markings, sidewalk, terrain. */
+static inline __attribute__((always_inline)) void ground_row(
+    int w, const float *restrict dx, float t, float centre, float le, float re, float walk_l,
+    float walk_r, float lw, float last_line, int dashed, float zg, int road, int sidewalk,
+    int terrain, float *restrict dep, float *restrict hgt, float *restrict tu,
+    float *restrict tv, int32_t *restrict lab, int32_t *restrict mat, int32_t *restrict surf) {
+    for (int c = 0; c < w; c++) {
+        const float e = t * dx[c] - centre;
+        const int on_road = (e >= le) & (e <= re);
+        const int on_walk = ((e >= walk_l) & (e < le)) | ((e > re) & (e <= walk_r));
+        const float frac = (e - le) / lw;
+        const float nearest = rint_vec(frac); /* half to even, as torch.round */
+        int line = (fabsf(frac - nearest) * lw < 0.075f) & (nearest >= 1.0f) &
+                   (nearest <= last_line) & dashed;
+        line = line | (fabsf(e - le) < 0.1f) | (fabsf(e - re) < 0.1f);
+        const int paving = line ? M_MARK : M_ROAD;
+        const int m = on_walk ? M_SIDEWALK : M_TERRAIN;
+        const int l = on_walk ? sidewalk : terrain;
+        mat[c] = on_road ? paving : m, lab[c] = on_road ? road : l;
+        dep[c] = zg, surf[c] = S_GROUND, hgt[c] = 0.0f, tu[c] = e, tv[c] = zg;
+    }
+}
+
+/* One side's frontage plane along a row: depth z, height y and block index (-1: no
+ * block: the ray turns away or leaves the blocks). */
+static inline __attribute__((always_inline)) void frontage_row(
+    int w, const float *restrict dx, int side, float zwc, float ty, float a, float cc,
+    float cam_h, float ywv, float ph, float blen, float *restrict fz, float *restrict fy,
+    int32_t *restrict fbi) {
+    for (int c = 0; c < w; c++) {
+        const float slope = dx[c] / zwc;
+        const float q = side == 1 ? slope - ty : ty - slope;
+        const float z = plane_depth_vec(side == 1 ? a : -a, q, cc);
+        const float y = cam_h + z / zwc * ywv;
+        const float bi_f = floor_vec((z + ph) / blen);
+        const int ok = (q > 0.0f) & (bi_f >= 0.0f) & (bi_f < (float)NUM_BLOCKS);
+        fz[c] = z, fy[c] = y, fbi[c] = ok ? side * NUM_BLOCKS + (int)(ok ? bi_f : 0.0f) : -1;
+    }
+}
+
+/* Where a row's frontage is nearer than what the row holds, the building, tree line or
+ * fence replaces it; fk becomes 1 where a building was hit (its windows come next). */
+S2R_BODY void frontage_hit_body(
+    int w, int side, int building, int vegetation, int fence, const float *restrict fz,
+    const float *restrict fy, const float *restrict ftp, int32_t *restrict fk,
+    const int32_t *restrict fcol, float *restrict dep, float *restrict hgt,
+    float *restrict tu, float *restrict tv, int32_t *restrict lab, int32_t *restrict mat,
+    int32_t *restrict surf) {
+    const int sf = side == 0 ? S_LEFT : S_RIGHT;
+    const float shift = 37.0f * (float)side;
+    for (int c = 0; c < w; c++) {
+        const int k = fk[c], col = fcol[c];
+        const float z = fz[c], y = fy[c];
+        const int hit = (k != 0) & (y >= 0.0f) & (y < ftp[c]) & (z < dep[c]);
+        const int is_b = k == BUILDING, is_t = k == TREES;
+        int m = is_t ? M_VEG + ((col % 3) + 3) % 3 : M_FENCE;
+        m = is_b ? M_BUILDING + col : m;
+        int l = is_t ? vegetation : fence;
+        l = is_b ? building : l;
+        mat[c] = hit ? m : mat[c], lab[c] = hit ? l : lab[c];
+        dep[c] = hit ? z : dep[c], surf[c] = hit ? sf : surf[c];
+        hgt[c] = hit ? y : hgt[c], tu[c] = hit ? y : tu[c], tv[c] = hit ? z + shift : tv[c];
+        fk[c] = hit & is_b;
+    }
+}
+
+S2R_VARIANTS(frontage_hit,
+             (int w, int side, int building, int vegetation, int fence,
+              const float *restrict fz, const float *restrict fy, const float *restrict ftp,
+              int32_t *restrict fk, const int32_t *restrict fcol, float *restrict dep,
+              float *restrict hgt, float *restrict tu, float *restrict tv,
+              int32_t *restrict lab, int32_t *restrict mat, int32_t *restrict surf),
+             (w, side, building, vegetation, fence, fz, fy, ftp, fk, fcol, dep, hgt, tu, tv,
+              lab, mat, surf))
+
+/* One frame of s2r_surfaces, row by row: the ground or sky, then each side's frontage
+ * (geometry vectorized; tree crowns, windows and lit windows per pixel, where they
+ * occur), then the albedo. */
+S2R_BODY void surfaces_body(const SurfArgs *A, int i, const SurfRows *R, int isa) {
+    const int h = A->h, w = A->w, levels = A->levels, appearance = A->appearance;
+    const int road = A->classes[0], sidewalk = A->classes[1], terrain = A->classes[2];
+    const int building = A->classes[3], vegetation = A->classes[4], fence = A->classes[5];
+    const int sky = A->classes[6];
+    const float texture = A->texture, *noise = A->noise, *tiles = A->tiles;
+    const float *palette = A->palette;
+    const float *p = A->frame + (size_t)i * FRAME_COLS;
+    const float cam_h = p[F_CAM_H], c0 = p[F_C0], ty = p[F_TY], a = p[F_A];
+    const float le = p[F_LE], re = p[F_RE], sw = p[F_SW], lw = p[F_LW];
+    const float walk_l = le - sw, walk_r = re + sw, last_line = p[F_LANES] - 1.0f;
+    const float blen = p[F_BLEN], ou = p[F_TEX_U], ov = p[F_TEX_V];
+    const float wet_dark = 0.45f * p[F_WET], pud_level = p[F_DEPOSITS] * 0.55f;
+    const float strength = p[F_STRENGTH], density = 48.0f * p[F_SCALE];
+    const float four_h = 4.0f * cam_h, focal = p[F_FOCAL];
+    const int32_t *kd = A->kind + (size_t)i * 2 * NUM_BLOCKS;
+    const int32_t *cl = A->color + (size_t)i * 2 * NUM_BLOCKS;
+    const float *tp_all = A->top + (size_t)i * 2 * NUM_BLOCKS;
+    const int32_t *fam = A->family + (size_t)i * NUM_MATERIALS;
+    const float *tint = A->tints + (size_t)i * NUM_MATERIALS * 3;
+    const float *dx = A->dx + (size_t)i * w;
+    float *dep = R->dep, *hgt = R->hgt, *tu = R->tu, *tv = R->tv, *em = R->em;
+    int32_t *lab = R->lab, *mat = R->mat, *surf = R->surf, *fk = R->fk, *fcol = R->fcol;
+    int r, c, side;
+    for (r = 0; r < h; r++) {
+        const float ywv = A->yw[(size_t)i * h + r], zwv = A->zw[(size_t)i * h + r];
+        const float t = cam_h / maxf(-ywv, 1e-4f);
+        const float zg = t * zwv;
+        const int ground = (ywv < -1e-4f) && (zg < 400.0f);
+        const float centre = c0 + ty * zg + a * zg * zg;
+        const int dashed = pymodf(zg + p[F_DASH], 9.0f) < 3.0f;
+        const float zwc = maxf(zwv, 1e-3f);
+        if (ground) {
+            ground_row(w, dx, t, centre, le, re, walk_l, walk_r, lw, last_line, dashed, zg, road,
+                       sidewalk, terrain, dep, hgt, tu, tv, lab, mat, surf);
+        } else {
+            for (c = 0; c < w; c++) {
+                dep[c] = FAR, lab[c] = sky, mat[c] = M_SKY, surf[c] = S_SKY, hgt[c] = 50.0f;
+                tu[c] = 0.0f, tv[c] = 0.0f;
+            }
+        }
+        for (c = 0; c < w; c++) em[c] = 0.0f;
+        /* frontages: buildings, tree lines, fences on both sides */
+        for (side = 0; side < 2; side++) {
+            const float fr = p[F_FRONT_L + side], ph = p[F_PHASE_L + side];
+            frontage_row(w, dx, side, zwc, ty, a, side == 1 ? c0 + fr : -fr - c0, cam_h, ywv, ph,
+                         blen, R->fz, R->fy, R->fbi);
+            for (c = 0; c < w; c++) { /* the block's kind, colour and top; tree crowns */
+                const int bi = R->fbi[c];
+                if (bi < 0) {
+                    fk[c] = 0, fcol[c] = 0, R->ftp[c] = 0.0f;
+                    continue;
+                }
+                fk[c] = kd[bi], fcol[c] = cl[bi], R->ftp[c] = tp_all[bi];
+                if (fk[c] == TREES)
+                    R->ftp[c] = R->ftp[c] + 1.2f * sinf(R->fz[c] * 1.7f + (float)fcol[c]);
+            }
+            S2R_PICK(frontage_hit, isa)(w, side, building, vegetation, fence, R->fz, R->fy,
+                                        R->ftp, fk, fcol, dep, hgt, tu, tv, lab, mat, surf);
+            for (c = 0; c < w; c++) { /* windows, some lit at night */
+                if (!fk[c]) continue;
+                const float z = R->fz[c], y = R->fy[c], tp = R->ftp[c];
+                const float zz = pymodf(z + ph, 3.2f), yy = pymodf(y, 3.0f);
+                const int window = zz > 0.7f && zz < 2.4f && yy > 1.0f && yy < 2.2f &&
+                                   y > 1.5f && y < tp - 0.8f;
+                if (!window) continue;
+                mat[c] = M_WINDOW;
+                const float cell = floor_fast((z + ph) / 3.2f) * 12.9898f +
+                                   floor_fast(y / 3.0f) * 78.233f + (float)fcol[c] * 3.1f;
+                const float s = sinf(cell) * 43758.5f;
+                if (s - trunc_fast(s) > 0.55f) em[c] = 1.0f;
+            }
+        }
+        /* albedo: palette, value-noise texture, wet paving and puddles */
+        for (c = 0; c < w; c++) {
+            const size_t px = ((size_t)i * h + r) * w + c;
+            const int m = mat[c];
+            const float u = tu[c], v = tv[c];
+            float mod = 1.0f;
+            if (texture > 0.0f && m != M_SKY) {
+                const float fine = noise[wrap(v * 9.0f + ov) * TILE + wrap(u * 9.0f + ou)];
+                const float coarse = noise[wrap(v * 1.3f) * TILE + wrap(u * 1.3f)];
+                mod = 1.0f + texture * ((fine - 0.5f) * 1.2f + (coarse - 0.5f) * 0.8f);
+            }
+            const int paved = m == M_ROAD || m == M_MARK || m == M_SIDEWALK;
+            const float pud = noise[wrap(v * 0.7f + ov) * TILE + wrap(u * 0.7f + ou)];
+            const int is_puddle = paved && pud < pud_level;
+            mod = mod * (1.0f - wet_dark * (float)paved - 0.35f * (float)is_puddle);
+            float factor = 1.0f;
+            if (appearance && strength != 0.0f) {
+                float footprint = dep[c] / focal;
+                if (surf[c] == S_GROUND)
+                    footprint = footprint * clampf(dep[c] / four_h, 1.0f, 8.0f);
+                int level = (int)(int64_t)log2f(maxf(footprint * density, 1.0f));
+                level = level < 0 ? 0 : (level > levels - 1 ? levels - 1 : level);
+                const int ta = wrap(u * density + p[F_OFF_A]);
+                const int tb = wrap(v * density + p[F_OFF_B]);
+                const float tex =
+                    tiles[(((size_t)fam[m] * levels + level) * TILE + ta) * TILE + tb];
+                factor = 1.0f + strength * (tex - 0.5f) * 1.6f;
+            }
+            const float *pal = palette + m * 3;
+            float *alb = A->albedo + px * 3;
+            if (appearance) {
+                alb[0] = pal[0] * mod * (factor * tint[m * 3 + 0]);
+                alb[1] = pal[1] * mod * (factor * tint[m * 3 + 1]);
+                alb[2] = pal[2] * mod * (factor * tint[m * 3 + 2]);
+            } else {
+                alb[0] = pal[0] * mod, alb[1] = pal[1] * mod, alb[2] = pal[2] * mod;
+            }
+            A->depth[px] = dep[c], A->label[px] = (uint8_t)lab[c];
+            A->surface[px] = (uint8_t)surf[c], A->height[px] = hgt[c];
+            A->emissive[px] = em[c], A->puddle[px] = (uint8_t)is_puddle;
+        }
+    }
+}
+S2R_VARIANTS(surfaces, (const SurfArgs *A, int i, const SurfRows *R, int isa), (A, i, R, isa))
 
 /* Pass 1: ground and frontages (kernels.background), albedo and puddles
  * (kernels.albedo), and the appearance textures and tints (renderer._appearance).
@@ -174,124 +411,22 @@ void s2r_surfaces(int n, int h, int w, const float *dx, const float *yw, const f
                   int appearance, const int32_t *family, const float *tints, float *depth,
                   uint8_t *label, uint8_t *surface, float *height, float *emissive,
                   float *albedo, uint8_t *puddle, int threads) {
-    const int road = classes[0], sidewalk = classes[1], terrain = classes[2];
-    const int building = classes[3], vegetation = classes[4], fence = classes[5];
-    const int sky = classes[6];
+    const SurfArgs A = {h,       w,       levels,   appearance, dx,     yw,    zw,
+                        frame,   top,     palette,  noise,      tiles,  tints, kind,
+                        color,   classes, family,   texture,    depth,  height, emissive,
+                        albedo,  label,   surface,  puddle};
+    const int level = s2r_isa(-1);
     int i;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
     for (i = 0; i < n; i++) {
-        const float *p = frame + (size_t)i * FRAME_COLS;
-        const float cam_h = p[F_CAM_H], c0 = p[F_C0], ty = p[F_TY], a = p[F_A];
-        const float le = p[F_LE], re = p[F_RE], sw = p[F_SW], lw = p[F_LW];
-        const float walk_l = le - sw, walk_r = re + sw, last_line = p[F_LANES] - 1.0f;
-        const float blen = p[F_BLEN], ou = p[F_TEX_U], ov = p[F_TEX_V];
-        const float wet_dark = 0.45f * p[F_WET], pud_level = p[F_DEPOSITS] * 0.55f;
-        const float strength = p[F_STRENGTH], density = 48.0f * p[F_SCALE];
-        const float four_h = 4.0f * cam_h, focal = p[F_FOCAL];
-        const int32_t *kd = kind + (size_t)i * 2 * NUM_BLOCKS;
-        const int32_t *cl = color + (size_t)i * 2 * NUM_BLOCKS;
-        const float *tp_all = top + (size_t)i * 2 * NUM_BLOCKS;
-        const int32_t *fam = family + (size_t)i * NUM_MATERIALS;
-        const float *tint = tints + (size_t)i * NUM_MATERIALS * 3;
-        int r, c, side;
-        for (r = 0; r < h; r++) {
-            const float ywv = yw[(size_t)i * h + r], zwv = zw[(size_t)i * h + r];
-            const float t = cam_h / maxf(-ywv, 1e-4f);
-            const float zg = t * zwv;
-            const int ground = (ywv < -1e-4f) && (zg < 400.0f);
-            const float centre = c0 + ty * zg + a * zg * zg;
-            const int dashed = pymodf(zg + p[F_DASH], 9.0f) < 3.0f;
-            const float zwc = maxf(zwv, 1e-3f);
-            for (c = 0; c < w; c++) {
-                const size_t px = ((size_t)i * h + r) * w + c;
-                const float dxv = dx[(size_t)i * w + c];
-                float dep, hgt, tu, tv, em = 0.0f;
-                int lab, mat, surf;
-                if (ground) {
-                    const float e = t * dxv - centre;
-                    const int on_road = e >= le && e <= re;
-                    const int on_walk = (e >= walk_l && e < le) || (e > re && e <= walk_r);
-                    const float frac = (e - le) / lw;
-                    const float nearest = rint_fast(frac); /* half to even, as torch.round */
-                    int line = fabsf(frac - nearest) * lw < 0.075f && nearest >= 1.0f &&
-                               nearest <= last_line && dashed;
-                    line = line || fabsf(e - le) < 0.1f || fabsf(e - re) < 0.1f;
-                    mat = on_road ? (line ? M_MARK : M_ROAD)
-                                  : (on_walk ? M_SIDEWALK : M_TERRAIN);
-                    lab = on_road ? road : (on_walk ? sidewalk : terrain);
-                    dep = zg, surf = S_GROUND, hgt = 0.0f, tu = e, tv = zg;
-                } else {
-                    dep = FAR, lab = sky, mat = M_SKY, surf = S_SKY, hgt = 50.0f;
-                    tu = 0.0f, tv = 0.0f;
-                }
-                /* frontages: buildings, tree lines, fences on both sides */
-                const float slope = dxv / zwc;
-                for (side = 0; side < 2; side++) {
-                    const float fr = p[F_FRONT_L + side], ph = p[F_PHASE_L + side];
-                    const float q = side == 1 ? slope - ty : ty - slope;
-                    if (!(q > 0.0f)) continue; /* the ray turns away: no root (FAR) */
-                    const float z = side == 1 ? plane_depth(a, q, c0 + fr)
-                                              : plane_depth(-a, q, -fr - c0);
-                    const float y = cam_h + z / zwc * ywv;
-                    const float bi_f = floor_fast((z + ph) / blen);
-                    if (!(bi_f >= 0.0f && bi_f < (float)NUM_BLOCKS)) continue;
-                    const int bi = side * NUM_BLOCKS + (int)bi_f;
-                    const int k = kd[bi], col = cl[bi];
-                    float tp = tp_all[bi];
-                    if (k == TREES) tp = tp + 1.2f * sinf(z * 1.7f + (float)col);
-                    if (!(k != 0 && y >= 0.0f && y < tp && z < dep)) continue;
-                    const int is_b = k == BUILDING, is_t = k == TREES;
-                    const float zz = pymodf(z + ph, 3.2f), yy = pymodf(y, 3.0f);
-                    const int window = is_b && zz > 0.7f && zz < 2.4f && yy > 1.0f &&
-                                       yy < 2.2f && y > 1.5f && y < tp - 0.8f;
-                    mat = is_b ? (window ? M_WINDOW : M_BUILDING + col)
-                               : (is_t ? M_VEG + ((col % 3) + 3) % 3 : M_FENCE);
-                    lab = is_b ? building : (is_t ? vegetation : fence);
-                    dep = z, surf = side == 0 ? S_LEFT : S_RIGHT, hgt = y, tu = y;
-                    tv = z + 37.0f * (float)side;
-                    if (window) { /* at night some windows are lit */
-                        const float cell = floor_fast((z + ph) / 3.2f) * 12.9898f +
-                                           floor_fast(y / 3.0f) * 78.233f + (float)col * 3.1f;
-                        const float s = sinf(cell) * 43758.5f;
-                        if (s - trunc_fast(s) > 0.55f) em = 1.0f;
-                    }
-                }
-                /* albedo: palette, value-noise texture, wet paving and puddles */
-                float mod = 1.0f;
-                if (texture > 0.0f && mat != M_SKY) {
-                    const float fine = noise[wrap(tv * 9.0f + ov) * TILE + wrap(tu * 9.0f + ou)];
-                    const float coarse = noise[wrap(tv * 1.3f) * TILE + wrap(tu * 1.3f)];
-                    mod = 1.0f + texture * ((fine - 0.5f) * 1.2f + (coarse - 0.5f) * 0.8f);
-                }
-                const int paved = mat == M_ROAD || mat == M_MARK || mat == M_SIDEWALK;
-                const float pud = noise[wrap(tv * 0.7f + ov) * TILE + wrap(tu * 0.7f + ou)];
-                const int is_puddle = paved && pud < pud_level;
-                mod = mod * (1.0f - wet_dark * (float)paved - 0.35f * (float)is_puddle);
-                float factor = 1.0f;
-                if (appearance && strength != 0.0f) {
-                    float footprint = dep / focal;
-                    if (surf == S_GROUND) footprint = footprint * clampf(dep / four_h, 1.0f, 8.0f);
-                    int level = (int)(int64_t)log2f(maxf(footprint * density, 1.0f));
-                    level = level < 0 ? 0 : (level > levels - 1 ? levels - 1 : level);
-                    const int ta = wrap(tu * density + p[F_OFF_A]);
-                    const int tb = wrap(tv * density + p[F_OFF_B]);
-                    const float v =
-                        tiles[(((size_t)fam[mat] * levels + level) * TILE + ta) * TILE + tb];
-                    factor = 1.0f + strength * (v - 0.5f) * 1.6f;
-                }
-                const float *pal = palette + mat * 3;
-                float *alb = albedo + px * 3;
-                if (appearance) {
-                    alb[0] = pal[0] * mod * (factor * tint[mat * 3 + 0]);
-                    alb[1] = pal[1] * mod * (factor * tint[mat * 3 + 1]);
-                    alb[2] = pal[2] * mod * (factor * tint[mat * 3 + 2]);
-                } else {
-                    alb[0] = pal[0] * mod, alb[1] = pal[1] * mod, alb[2] = pal[2] * mod;
-                }
-                depth[px] = dep, label[px] = (uint8_t)lab, surface[px] = (uint8_t)surf;
-                height[px] = hgt, emissive[px] = em, puddle[px] = (uint8_t)is_puddle;
-            }
-        }
+        float *buf = (float *)malloc(sizeof(float) * 14 * (size_t)w);
+        if (!buf) continue;
+        int32_t *ib = (int32_t *)(buf + 8 * (size_t)w);
+        const SurfRows R = {buf,         buf + w,     buf + 2 * w, buf + 3 * w, buf + 4 * w,
+                            buf + 5 * w, buf + 6 * w, buf + 7 * w, ib,          ib + w,
+                            ib + 2 * w,  ib + 3 * w,  ib + 4 * w,  ib + 5 * w};
+        S2R_PICK(surfaces, level)(&A, i, &R, level);
+        free(buf);
     }
 }
 
@@ -494,6 +629,118 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
             }
         }
     }
+}
+
+/* Sprites (sprites.rasterize) drawn into the buffers, nearest surface winning per pixel,
+ * the same arithmetic as the numpy version (template and tile coordinates in double,
+ * colours in float32). Each sprite covers the pixels [floor(u0), ceil(u0 + w)) x
+ * [floor(v0), ceil(v0 + h)) clipped to the frame; a pixel is opaque where its template
+ * part is not 0. Upright sprites: a z-buffer pass takes the minimum depth, then every
+ * sprite pixel at that depth writes label, albedo and emissive, later sprites over
+ * earlier ones. Decals (`decal`): tested against the depth without changing it; the
+ * nearest decal writes albedo only (`best`: an (n, h, w) scratch buffer).
+ *
+ * Per sprite: frame, template (int64), u0, v0, sw, sh (double), sdepth (float), slabel
+ * (uint8), scolor (count, 3) float, stexture (float, NULL: none). templates: (K, T, T)
+ * uint8 parts; coloured: (NUM_PARTS) factor of the sprite's colour, < 0 for a part of
+ * fixed colour `fixed` (NUM_PARTS, 3); emits: (NUM_PARTS) uint8; canopy: the part that
+ * tile (tile_n, tile_n, NULL: none) textures. */
+static void sprite_pass(int pass, int h, int w, int count, const int64_t *frame,
+                        const double *u0, const double *v0, const double *sw,
+                        const double *sh, const float *sdepth, const int64_t *tmpl,
+                        const uint8_t *templates, int T, int decal, float *depth,
+                        float *best) {
+    for (int s = 0; s < count; s++) {
+        const double fx0 = floor(u0[s]), fx1 = ceil(u0[s] + sw[s]);
+        const double fy0 = floor(v0[s]), fy1 = ceil(v0[s] + sh[s]);
+        const int x0 = (int)(fx0 < 0.0 ? 0.0 : (fx0 > w ? w : fx0));
+        const int x1 = (int)(fx1 < 0.0 ? 0.0 : (fx1 > w ? w : fx1));
+        const int y0 = (int)(fy0 < 0.0 ? 0.0 : (fy0 > h ? h : fy0));
+        const int y1 = (int)(fy1 < 0.0 ? 0.0 : (fy1 > h ? h : fy1));
+        const float d = sdepth[s];
+        if (x1 <= x0 || y1 <= y0 || !(d > 0.0f)) continue;
+        const uint8_t *tp = templates + (size_t)tmpl[s] * T * T;
+        for (int row = y0; row < y1; row++) {
+            int64_t ty = (int64_t)(((double)row + 0.5 - v0[s]) / sh[s] * T);
+            ty = ty < 0 ? 0 : (ty > T - 1 ? T - 1 : ty);
+            for (int col = x0; col < x1; col++) {
+                int64_t tx = (int64_t)(((double)col + 0.5 - u0[s]) / sw[s] * T);
+                tx = tx < 0 ? 0 : (tx > T - 1 ? T - 1 : tx);
+                if (!tp[ty * T + tx]) continue;
+                const size_t px = ((size_t)frame[s] * h + row) * w + col;
+                if (pass == 0) { /* decals: reset the scratch where they land */
+                    best[px] = INFINITY;
+                } else if (!decal) { /* the z-buffer: np.minimum.at */
+                    if (d < depth[px]) depth[px] = d;
+                } else if (d <= depth[px] && d < best[px]) {
+                    best[px] = d;
+                }
+            }
+        }
+    }
+}
+
+void s2r_sprites(int n, int h, int w, int count, const int64_t *frame, const double *u0,
+                 const double *v0, const double *sw, const double *sh, const float *sdepth,
+                 const int64_t *tmpl, const uint8_t *slabel, const float *scolor,
+                 const float *stexture, int decal, const uint8_t *templates, int T,
+                 const float *coloured, const uint8_t *emits, const float *fixed, int canopy,
+                 const float *tile, int tile_n, float *depth, uint8_t *label, float *albedo,
+                 float *emissive, float *best) {
+    int64_t *seen = (int64_t *)calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));
+    if (!seen) return;
+    if (decal) sprite_pass(0, h, w, count, frame, u0, v0, sw, sh, sdepth, tmpl, templates, T, 1,
+                           depth, best);
+    sprite_pass(1, h, w, count, frame, u0, v0, sw, sh, sdepth, tmpl, templates, T, decal, depth,
+                best);
+    const float *win = decal ? best : depth;
+    for (int s = 0; s < count; s++) {
+        const int64_t rank = seen[frame[s]]++; /* the sprite's place within its frame */
+        const double fx0 = floor(u0[s]), fx1 = ceil(u0[s] + sw[s]);
+        const double fy0 = floor(v0[s]), fy1 = ceil(v0[s] + sh[s]);
+        const int x0 = (int)(fx0 < 0.0 ? 0.0 : (fx0 > w ? w : fx0));
+        const int x1 = (int)(fx1 < 0.0 ? 0.0 : (fx1 > w ? w : fx1));
+        const int y0 = (int)(fy0 < 0.0 ? 0.0 : (fy0 > h ? h : fy0));
+        const int y1 = (int)(fy1 < 0.0 ? 0.0 : (fy1 > h ? h : fy1));
+        const float d = sdepth[s];
+        if (x1 <= x0 || y1 <= y0 || !(d > 0.0f)) continue;
+        const uint8_t *tp = templates + (size_t)tmpl[s] * T * T;
+        const int textured = tile && stexture && stexture[s] > 0.0f;
+        for (int row = y0; row < y1; row++) {
+            int64_t ty = (int64_t)(((double)row + 0.5 - v0[s]) / sh[s] * T);
+            ty = ty < 0 ? 0 : (ty > T - 1 ? T - 1 : ty);
+            for (int col = x0; col < x1; col++) {
+                int64_t tx = (int64_t)(((double)col + 0.5 - u0[s]) / sw[s] * T);
+                tx = tx < 0 ? 0 : (tx > T - 1 ? T - 1 : tx);
+                const int part = tp[ty * T + tx];
+                if (!part) continue;
+                const size_t px = ((size_t)frame[s] * h + row) * w + col;
+                if (!(d <= win[px]) || (decal && !(d <= depth[px]))) continue;
+                float rgb[3];
+                for (int ch = 0; ch < 3; ch++)
+                    rgb[ch] = coloured[part] < 0.0f ? fixed[part * 3 + ch]
+                                                    : scolor[s * 3 + ch] * coloured[part];
+                if (textured && part == canopy) {
+                    /* the crown spans half a tile, each sprite its own corner of it */
+                    const double fy = ((double)row + 0.5 - v0[s]) / sh[s] * (tile_n / 2.0) +
+                                      (double)(rank * 37);
+                    const double fx = ((double)col + 0.5 - u0[s]) / sw[s] * (tile_n / 2.0) +
+                                      (double)(rank * 91);
+                    int64_t iy = (int64_t)fy % tile_n, ix = (int64_t)fx % tile_n;
+                    iy += iy < 0 ? tile_n : 0, ix += ix < 0 ? tile_n : 0;
+                    const float t = tile[iy * tile_n + ix];
+                    const float f = 1.0f + stexture[s] * (t - 0.5f) * 1.6f;
+                    for (int ch = 0; ch < 3; ch++) rgb[ch] = rgb[ch] * f;
+                }
+                for (int ch = 0; ch < 3; ch++) albedo[px * 3 + ch] = rgb[ch];
+                if (!decal) {
+                    label[px] = slabel[s];
+                    emissive[px] = emits[part] ? 1.0f : 0.0f;
+                }
+            }
+        }
+    }
+    free(seen);
 }
 
 /* A separable Gaussian blur of `planes` (h, w) planes in place, truncated at radius

@@ -18,6 +18,7 @@ import importlib.util
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from simulation.procedural.kernels import roll_theta
@@ -83,6 +84,9 @@ def library() -> ctypes.CDLL | None:
     lib.s2r_camera.argtypes += [_P, _P, _P, _I]
     lib.s2r_finish.restype = None
     lib.s2r_finish.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+    lib.s2r_sprites.restype = None
+    lib.s2r_sprites.argtypes = [_I, _I, _I, _I] + [_P] * 9 + [_P, _I, _P, _I, _P, _P, _P, _I]
+    lib.s2r_sprites.argtypes += [_P, _I, _P, _P, _P, _P, _P]
     lib.s2r_isa.restype = _I
     lib.s2r_isa.argtypes = [_I]
     return lib
@@ -323,6 +327,89 @@ def finish(
         threads or torch.get_num_threads(),
     )
     return out, out_labels
+
+
+def sprites(
+    sprites,
+    depth: np.ndarray,
+    label: np.ndarray,
+    albedo: np.ndarray,
+    emissive: np.ndarray,
+    fixed_colors: np.ndarray,
+    decal: bool = False,
+    tile: np.ndarray | None = None,
+) -> None:
+    """:func:`simulation.procedural.sprites.rasterize` as one compiled loop, in place:
+    the same arguments, the same arithmetic and the same bytes."""
+    from simulation.procedural import sprites as sp
+
+    n, h, w = depth.shape
+    for name, buf, dtype in (
+        ("depth", depth, np.float32),
+        ("label", label, np.uint8),
+        ("albedo", albedo, np.float32),
+        ("emissive", emissive, np.float32),
+    ):
+        if buf.dtype != dtype or not buf.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a C-contiguous {np.dtype(dtype)} array")
+    count = len(sprites.frame)
+    if count == 0:
+        return
+
+    def arr(values, dtype):
+        return np.ascontiguousarray(values, dtype=dtype)
+
+    cols = {
+        "frame": arr(sprites.frame, np.int64),
+        "u0": arr(sprites.u0, np.float64),
+        "v0": arr(sprites.v0, np.float64),
+        "w": arr(sprites.w, np.float64),
+        "h": arr(sprites.h, np.float64),
+        "depth": arr(sprites.depth, np.float32),
+        "template": arr(sprites.template, np.int64),
+        "label": arr(sprites.label, np.uint8),
+        "color": arr(sprites.color, np.float32).reshape(count, 3),
+    }
+    texture = None if sprites.texture is None else arr(sprites.texture, np.float32)
+    tile = None if tile is None else arr(tile, np.float32)
+    best = np.empty((n, h, w), np.float32) if decal else None
+    tables = _sprite_tables()
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    library().s2r_sprites(
+        n,
+        h,
+        w,
+        count,
+        *(ptr(cols[k]) for k in ("frame", "u0", "v0", "w", "h", "depth", "template", "label")),
+        ptr(cols["color"]),
+        ptr(texture),
+        int(bool(decal)),
+        ptr(tables["templates"]),
+        sp.T,
+        ptr(tables["coloured"]),
+        ptr(tables["emits"]),
+        ptr(arr(fixed_colors, np.float32)),
+        sp.CANOPY,
+        ptr(tile),
+        0 if tile is None else int(tile.shape[0]),
+        *(ptr(b) for b in (depth, label, albedo, emissive, best)),
+    )
+
+
+@lru_cache(maxsize=1)
+def _sprite_tables() -> dict[str, np.ndarray]:
+    """The sprite module's templates and part tables as the C loop reads them."""
+    from simulation.procedural import sprites as sp
+
+    coloured = np.full(sp.NUM_PARTS, -1.0, np.float32)
+    for part, factor in sp.SPRITE_COLOURED.items():
+        coloured[part] = factor
+    emits = np.zeros(sp.NUM_PARTS, np.uint8)
+    emits[list(sp.EMISSIVE_PARTS)] = 1
+    templates = np.ascontiguousarray(sp.TEMPLATES, dtype=np.uint8)
+    if templates.shape[1:] != (sp.T, sp.T) or int(sp.TEMPLATES.max()) >= sp.NUM_PARTS:
+        raise ValueError(f"expected (K, {sp.T}, {sp.T}) templates of parts < {sp.NUM_PARTS}")
+    return {"coloured": coloured, "emits": emits, "templates": templates}
 
 
 def has_camera_effects(style) -> bool:

@@ -199,19 +199,13 @@ class ProceduralRenderer:
         tile = None
         if sprites.texture is not None and (sprites.texture > 0).any():
             tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
+        draw = fused.sprites if self.passes == "fused" else rasterize
+        buffers = (depth_np, label_np, albedo_np, emissive_np, self._parts)
         decal = sprites.decal
         if decal.any():
-            rasterize(
-                _select(sprites, decal),
-                depth_np,
-                label_np,
-                albedo_np,
-                emissive_np,
-                self._parts,
-                True,
-            )
+            draw(_select(sprites, decal), *buffers, True)
             sprites = _select(sprites, ~decal)
-        rasterize(sprites, depth_np, label_np, albedo_np, emissive_np, self._parts, tile=tile)
+        draw(sprites, *buffers, tile=tile)
         upright = torch.from_numpy(depth_np != before)
         surface[upright] = S_UPRIGHT
         height_m[upright] = 1.0
