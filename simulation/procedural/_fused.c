@@ -849,11 +849,36 @@ static inline float filmic(float x) {
     return clampf(y, 0.0f, 1.0f);
 }
 
+/* One row of the camera's response: vignetting, the filmic blend, signal-dependent
+ * noise (nrow: the row's noise, already flipped where the crop is), clamped. */
+S2R_BODY void camera_row_body(int w, float *restrict pl, const float *restrict rd2,
+                              const float *restrict nrow, float vignetting, float response,
+                              float shot2, float read2) {
+    /* every step is computed and selected, so that the loop vectorizes */
+    const int vignetted = vignetting > 0.0f, filmic_on = response > 0.0f;
+    const int noisy = shot2 > 0.0f || read2 > 0.0f;
+    for (int c = 0; c < w; c++) {
+        float v = pl[c];
+        const float vg = v * (1.0f - vignetting * rd2[c]);
+        v = vignetted ? vg : v;
+        const float fl = v * (1.0f - response) + filmic(clampf(v, 0.0f, 1.0f)) * response;
+        v = filmic_on ? fl : v;
+        const float nz = v + nrow[c] * sqrtf(maxf(v, 0.0f) * shot2 + read2);
+        v = noisy ? nz : v;
+        pl[c] = clampf(v, 0.0f, 1.0f);
+    }
+}
+S2R_VARIANTS(camera_row,
+             (int w, float *restrict pl, const float *restrict rd2, const float *restrict nrow,
+              float vignetting, float response, float shot2, float read2),
+             (w, pl, rd2, nrow, vignetting, response, shot2, read2))
+
 /* camera_effects._quantize_blocks on one (h, w) plane in place: 8x8 blocks (the plane
  * padded by replication to whole blocks), orthonormal 2-D DCT-II, each coefficient
  * rounded (half to even) to a multiple of table[u * 8 + v], and the inverse DCT.
  * basis: (8, 8) c[u][x]. */
-static void quantize_plane(float *pl, int h, int w, const float *table, const float *basis) {
+S2R_BODY void quantize_plane_body(float *pl, int h, int w, const float *table,
+                                  const float *basis) {
     const int hb = (h + 7) / 8, wb = (w + 7) / 8;
     int by, bx, u, v, x, y;
     for (by = 0; by < hb; by++) {
@@ -897,6 +922,9 @@ static void quantize_plane(float *pl, int h, int w, const float *table, const fl
         }
     }
 }
+S2R_VARIANTS(quantize_plane,
+             (float *pl, int h, int w, const float *table, const float *basis),
+             (pl, h, w, table, basis))
 
 /* The photo style's camera pipeline (camera_effects.apply) on img (n, 3, h, w) in place:
  * white balance gains (n, 3) (NULL: none), lens blur (sigma px, 0: none), lateral
@@ -909,6 +937,7 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
                 float read2, const float *bank, int bank_h, int bank_w, const int32_t *crop,
                 const float *luma_table, const float *chroma_table, const float *basis,
                 int threads) {
+    const int level = s2r_isa(-1);
     int i;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
     for (i = 0; i < n; i++) {
@@ -941,23 +970,22 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
             }
         }
         const int dy = crop[i * 3], dxo = crop[i * 3 + 1], flip = crop[i * 3 + 2];
+        float *flipped = (float *)malloc(sizeof(float) * w);
+        if (!flipped) continue;
         for (ch = 0; ch < 3; ch++) {
             float *pl = im + ch * plane;
             const float *nb = bank + (size_t)ch * bank_h * bank_w;
             for (r = 0; r < h; r++) {
                 const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
-                for (c = 0; c < w; c++) {
-                    const size_t q = (size_t)r * w + c;
-                    float v = pl[q];
-                    if (vignetting > 0.0f) v = v * (1.0f - vignetting * rd2[q]);
-                    if (response > 0.0f)
-                        v = v * (1.0f - response) + filmic(clampf(v, 0.0f, 1.0f)) * response;
-                    if (shot2 > 0.0f || read2 > 0.0f)
-                        v = v + nrow[flip ? w - 1 - c : c] * sqrtf(maxf(v, 0.0f) * shot2 + read2);
-                    pl[q] = clampf(v, 0.0f, 1.0f);
+                if (flip) {
+                    for (c = 0; c < w; c++) flipped[c] = nrow[w - 1 - c];
+                    nrow = flipped;
                 }
+                S2R_PICK(camera_row, level)(w, pl + (size_t)r * w, rd2 + (size_t)r * w, nrow,
+                                            vignetting, response, shot2, read2);
             }
         }
+        free(flipped);
         if (!luma_table) continue;
         /* JPEG: YCbCr, 4:2:0 chroma (2x2 means), blockwise quantization, back to RGB */
         const int ch_h = (h + 1) / 2, ch_w = (w + 1) / 2;
@@ -981,9 +1009,9 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
                 cb[(size_t)r * ch_w + c] /= (float)cnt;
                 cr[(size_t)r * ch_w + c] /= (float)cnt;
             }
-        quantize_plane(yp, h, w, luma_table, basis);
-        quantize_plane(cb, ch_h, ch_w, chroma_table, basis);
-        quantize_plane(cr, ch_h, ch_w, chroma_table, basis);
+        S2R_PICK(quantize_plane, level)(yp, h, w, luma_table, basis);
+        S2R_PICK(quantize_plane, level)(cb, ch_h, ch_w, chroma_table, basis);
+        S2R_PICK(quantize_plane, level)(cr, ch_h, ch_w, chroma_table, basis);
         for (r = 0; r < h; r++)
             for (c = 0; c < w; c++) {
                 const size_t q = (size_t)r * w + c, cq = (size_t)(r / 2) * ch_w + c / 2;
