@@ -483,6 +483,33 @@ static inline void sky_px(const Sky *s, float cloud, float dxv, float ywv, float
     }
 }
 
+/* One channel of a row of kernels.shade's last steps: reflections of the horizon, night
+ * lights, the headlight beam, haze, fog and dust (the terms computed per pixel before). */
+S2R_BODY void shade_mix_body(int w, int ch, const float *restrict lit,
+                             const float *restrict alb, const float *restrict refl,
+                             const float *restrict em, const float *restrict beam,
+                             const float *restrict haze, const float *restrict fog,
+                             const float *restrict dust, float horizon, float fog_col,
+                             float dust_col, float *restrict out) {
+    const float warm = ch == 0 ? 1.0f : (ch == 1 ? 0.85f : 0.55f); /* warm_light */
+    for (int c = 0; c < w; c++) {
+        float v = lit[c] * (1.0f - refl[c]) + horizon * refl[c];
+        v = v + em[c] * warm * 1.1f;
+        v = v + alb[c * 3 + ch] * (beam[c] * warm * 1.2f);
+        v = v + (horizon - v) * haze[c];
+        v = v + (fog_col - v) * fog[c];
+        v = v + (dust_col - v) * dust[c];
+        out[c] = v;
+    }
+}
+S2R_VARIANTS(shade_mix,
+             (int w, int ch, const float *restrict lit, const float *restrict alb,
+              const float *restrict refl, const float *restrict em, const float *restrict beam,
+              const float *restrict haze, const float *restrict fog,
+              const float *restrict dust, float horizon, float fog_col, float dust_col,
+              float *restrict out),
+             (w, ch, lit, alb, refl, em, beam, haze, fog, dust, horizon, fog_col, dust_col, out))
+
 /* Pass 2: light, sky, reflections, night lights, fog/haze/dust, auto exposure and
  * rain streaks (kernels.shade). wx: (n, WX_COLS); light_k: (n, 2) sun and ambient
  * factors; streaks: (3, STREAK_H, STREAK_W) fields; streak: (n, 3) int32 field
@@ -493,6 +520,7 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
                const uint8_t *surface, const float *emissive, const float *depth,
                const float *height, const uint8_t *puddle, const float *streaks,
                const int32_t *streak, float *out, int threads) {
+    const int isa = s2r_isa(-1);
     int i;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
     for (i = 0; i < n; i++) {
@@ -516,7 +544,6 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
             for (ch = 0; ch < 3; ch++)
                 light[k][ch] = amb * amb_col[ch] + sun * lambert[k] * sun_col[ch];
         const float wet = x[W_WETNESS] / 100.0f, night = 1.0f - day;
-        const float warm_light[3] = {1.0f, 0.85f, 0.55f};
         const float k_fog = x[W_FOG_DENSITY] / 100.0f * 0.09f;
         const float k_haze = -(0.0015f * x[W_SCATTER]);
         const float k_dust = -(x[W_DUST] / 100.0f * 0.04f);
@@ -545,10 +572,13 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
         const size_t plane = (size_t)h * w;
         float *o = out + (size_t)i * 3 * plane;
         double luma = 0.0;
-        float *beam_col = (float *)malloc(sizeof(float) * w);
+        /* beam_col, then per row: lit (3 rows), refl, em, beam, haze, fog, dust */
+        float *beam_col = (float *)malloc(sizeof(float) * 10 * (size_t)w);
         float beam_depth = NAN, beam_exp = 0.0f, last_d = NAN, last_h = NAN;
         float fog = 0.0f, haze = 0.0f, dust = 0.0f;
         if (!beam_col) continue;
+        float *t_lit = beam_col + w, *t_refl = t_lit + 3 * (size_t)w, *t_em = t_refl + w;
+        float *t_beam = t_em + w, *t_haze = t_beam + w, *t_fog = t_haze + w, *t_dust = t_fog + w;
         for (c = 0; c < w; c++) {
             const float b = dx[(size_t)i * w + c] * 2.5f;
             beam_col[c] = expf(-(b * b));
@@ -569,6 +599,7 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
                 } else {
                     for (ch = 0; ch < 3; ch++) lit[ch] = alb[ch] * light[surf][ch];
                 }
+                for (ch = 0; ch < 3; ch++) t_lit[ch * w + c] = lit[ch];
                 const float refl =
                     0.12f * wet * (float)(surf == S_GROUND) + 0.25f * (float)puddle[px];
                 /* each term is exactly zero where its factor is (day: no beam, no
@@ -592,16 +623,18 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
                     if (k_haze != 0.0f) haze = 1.0f - expf(k_haze * d);
                     if (k_dust != 0.0f) dust = 1.0f - expf(k_dust * d);
                 }
-                for (ch = 0; ch < 3; ch++) {
-                    float v = lit[ch] * (1.0f - refl) + horizon[ch] * refl;
-                    v = v + em * warm_light[ch] * 1.1f;
-                    v = v + alb[ch] * (beam * warm_light[ch] * 1.2f);
-                    v = v + (horizon[ch] - v) * haze;
-                    v = v + (fog_col[ch] - v) * fog;
-                    v = v + (dust_col[ch] - v) * dust;
-                    o[ch * plane + q] = v;
-                    luma += v;
-                }
+                t_refl[c] = refl, t_em[c] = em, t_beam[c] = beam;
+                t_haze[c] = haze, t_fog[c] = fog, t_dust[c] = dust;
+            }
+            /* the terms combined (vectorized), then summed in the order of before */
+            const float *alb_row = albedo + ((size_t)i * plane + (size_t)r * w) * 3;
+            for (ch = 0; ch < 3; ch++)
+                S2R_PICK(shade_mix, isa)(w, ch, t_lit + ch * w, alb_row, t_refl, t_em, t_beam, t_haze,
+                                         t_fog, t_dust, horizon[ch], fog_col[ch], dust_col[ch],
+                                         o + ch * plane + (size_t)r * w);
+            for (c = 0; c < w; c++) {
+                const size_t q = (size_t)r * w + c;
+                luma += o[q], luma += o[plane + q], luma += o[2 * plane + q];
             }
         }
         free(beam_col);
