@@ -780,7 +780,7 @@ void s2r_sprites(int n, int h, int w, int count, const int64_t *frame, const dou
  * ceil(3 sigma) (at least 1), replicated edges, the kernel normalized to sum 1. The taps
  * are the outer loop so the inner loops run along contiguous pixels and vectorize;
  * each pixel still sums its taps in order. */
-static void blur_planes(float *im, int planes, int h, int w, float sigma) {
+S2R_BODY void blur_planes_body(float *im, int planes, int h, int w, float sigma) {
     const size_t plane = (size_t)h * w;
     const float sg = maxf(sigma, 1e-3f);
     const int radius = (int)ceilf(3.0f * sigma) < 1 ? 1 : (int)ceilf(3.0f * sigma);
@@ -826,6 +826,27 @@ static void blur_planes(float *im, int planes, int h, int w, float sigma) {
     }
     free(k);
 }
+S2R_VARIANTS(blur_planes, (float *im, int planes, int h, int w, float sigma),
+             (im, planes, h, w, sigma))
+
+/* One row of the sensor's gain and noise (nrow: already flipped where the crop is). */
+S2R_BODY void sensor_row_body(int w, float *restrict pl, const float *restrict rd2,
+                              const float *restrict nrow, int gained, float vignetting,
+                              float exposure, float std) {
+    const int noisy = std > 0.0f;
+    for (int c = 0; c < w; c++) {
+        float v = pl[c];
+        const float g = v * ((1.0f - vignetting * rd2[c]) * exposure);
+        v = gained ? g : v;
+        const float nz = v + nrow[c] * std;
+        v = noisy ? nz : v;
+        pl[c] = clampf(v, 0.0f, 1.0f);
+    }
+}
+S2R_VARIANTS(sensor_row,
+             (int w, float *restrict pl, const float *restrict rd2, const float *restrict nrow,
+              int gained, float vignetting, float exposure, float std),
+             (w, pl, rd2, nrow, gained, vignetting, exposure, std))
 
 /* Sensor effects (simulation/sensor.apply_sensor_effects) on img (n, 3, h, w) in
  * place: a separable Gaussian blur of each frame's own radius ceil(3 sigma) with
@@ -836,30 +857,33 @@ static void blur_planes(float *im, int planes, int h, int w, float sigma) {
 void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float *vignetting,
                 const float *exposure, const float *noise_std, const float *rd2,
                 const float *bank, int bank_h, int bank_w, const int32_t *crop, int threads) {
+    const int isa = s2r_isa(-1);
     int i;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_one(threads))
     for (i = 0; i < n; i++) {
         const size_t plane = (size_t)h * w;
         float *im = img + (size_t)i * 3 * plane;
         int ch, r, c;
-        if (sigma[i] >= 0.05f) blur_planes(im, 3, h, w, sigma[i]);
+        if (sigma[i] >= 0.05f) S2R_PICK(blur_planes, isa)(im, 3, h, w, sigma[i]);
         const int gained = vignetting[i] > 0.0f || exposure[i] != 1.0f;
         const float std = noise_std[i];
         const int dy = crop[i * 3], dxo = crop[i * 3 + 1], flip = crop[i * 3 + 2];
+        float *flipped = (float *)malloc(sizeof(float) * w);
+        if (!flipped) continue;
         for (ch = 0; ch < 3; ch++) {
             float *pl = im + ch * plane;
             const float *nb = bank + (size_t)ch * bank_h * bank_w;
             for (r = 0; r < h; r++) {
                 const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
-                for (c = 0; c < w; c++) {
-                    const size_t q = (size_t)r * w + c;
-                    float v = pl[q];
-                    if (gained) v = v * ((1.0f - vignetting[i] * rd2[q]) * exposure[i]);
-                    if (std > 0.0f) v = v + nrow[flip ? w - 1 - c : c] * std;
-                    pl[q] = clampf(v, 0.0f, 1.0f);
+                if (flip) {
+                    for (c = 0; c < w; c++) flipped[c] = nrow[w - 1 - c];
+                    nrow = flipped;
                 }
+                S2R_PICK(sensor_row, isa)(w, pl + (size_t)r * w, rd2 + (size_t)r * w, nrow, gained,
+                                          vignetting[i], exposure[i], std);
             }
         }
+        free(flipped);
     }
 }
 
@@ -980,7 +1004,7 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
         if (gains)
             for (ch = 0; ch < 3; ch++)
                 for (size_t q = 0; q < plane; q++) im[ch * plane + q] *= gains[i * 3 + ch];
-        if (lens_sigma >= 0.05f) blur_planes(im, 3, h, w, lens_sigma);
+        if (lens_sigma >= 0.05f) S2R_PICK(blur_planes, level)(im, 3, h, w, lens_sigma);
         if (ca_k > 0.0f) { /* red magnified, blue shrunk, about the centre */
             float *copy = (float *)malloc(sizeof(float) * 2 * plane);
             if (copy) {
