@@ -1127,8 +1127,9 @@ static inline __attribute__((always_inline)) void roll_row(
 }
 
 /* One row of bilinear samples of plane `pl` at roll_row's corners and weights. Kept
- * scalar: vector gathers are slower than scalar loads on CPUs with the Gather Data
- * Sampling mitigation (measured here: 1.1 against 0.8 ms a frame). */
+ * scalar: the AVX-512 gathers GCC makes of it were no faster here (0.55-0.70 against
+ * 0.47-0.78 ms a frame for the whole pass), and gathers are slow on CPUs with the
+ * Gather Data Sampling mitigation. */
 static __attribute__((noinline, optimize("no-tree-vectorize"))) void bilinear_row(
     int w, const float *restrict pl, const int32_t *restrict o00, const int32_t *restrict stepx,
     const int32_t *restrict stepy, const float *restrict ax, const float *restrict ay,
