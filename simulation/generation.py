@@ -189,7 +189,8 @@ def contact_sheet(
     import io
 
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
+    # a preview: the fastest deflate level (0.3 s of level 6's encoding per dataset before)
+    sheet.save(buf, format="PNG", compress_level=1)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
