@@ -155,8 +155,8 @@ def test_compiled_sprites_write_the_bytes_of_the_numpy_rasterizer(decal):
     """Overlapping sprites at equal depths (the later wins), sprites half outside the
     frame, behind the camera or of no size, textured canopies: the C loop and
     sprites.rasterize leave every buffer byte for byte the same."""
+    from simulation.procedural import kernels, textures
     from simulation.procedural import sprites as sp
-    from simulation.procedural import textures
 
     rng = np.random.default_rng(7)
     n, h, w, count = 3, 40, 60, 90
@@ -184,7 +184,13 @@ def test_compiled_sprites_write_the_bytes_of_the_numpy_rasterizer(decal):
     ref = {k: v.copy() for k, v in start.items()}
     new = {k: v.copy() for k, v in start.items()}
     sp.rasterize(sprites, *ref.values(), fixed, decal, tile=tile)
-    fused.sprites(sprites, *new.values(), fixed, decal, tile=tile)
+    surface, height = np.zeros((n, h, w), np.uint8), np.zeros((n, h, w), np.float32)
+    fused.sprites(sprites, *new.values(), fixed, decal, tile=tile, upright=(surface, height))
     for k in start:
         np.testing.assert_array_equal(new[k], ref[k], err_msg=k)
     assert not np.array_equal(new["albedo"], start["albedo"])  # something was drawn
+    # the upright pixels: where the depth moved (decals never move it)
+    moved = ref["depth"] != start["depth"]
+    assert moved.any() != decal
+    np.testing.assert_array_equal(surface, np.where(moved, kernels.S_UPRIGHT, 0))
+    np.testing.assert_array_equal(height, np.where(moved, 1.0, 0.0).astype(np.float32))

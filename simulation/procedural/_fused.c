@@ -677,12 +677,13 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
  * (uint8), scolor (count, 3) float, stexture (float, NULL: none). templates: (K, T, T)
  * uint8 parts; coloured: (NUM_PARTS) factor of the sprite's colour, < 0 for a part of
  * fixed colour `fixed` (NUM_PARTS, 3); emits: (NUM_PARTS) uint8; canopy: the part that
- * tile (tile_n, tile_n, NULL: none) textures. */
+ * tile (tile_n, tile_n, NULL: none) textures. surface and height (NULL: not kept): an
+ * upright sprite's pixels become S_UPRIGHT at height 1 where it moved the depth. */
 static void sprite_pass(int pass, int h, int w, int count, const int64_t *frame,
                         const double *u0, const double *v0, const double *sw,
                         const double *sh, const float *sdepth, const int64_t *tmpl,
                         const uint8_t *templates, int T, int decal, float *depth,
-                        float *best) {
+                        float *best, uint8_t *surface, float *height) {
     for (int s = 0; s < count; s++) {
         const double fx0 = floor(u0[s]), fx1 = ceil(u0[s] + sw[s]);
         const double fy0 = floor(v0[s]), fy1 = ceil(v0[s] + sh[s]);
@@ -704,7 +705,10 @@ static void sprite_pass(int pass, int h, int w, int count, const int64_t *frame,
                 if (pass == 0) { /* decals: reset the scratch where they land */
                     best[px] = INFINITY;
                 } else if (!decal) { /* the z-buffer: np.minimum.at */
-                    if (d < depth[px]) depth[px] = d;
+                    if (d < depth[px]) {
+                        depth[px] = d;
+                        if (surface) surface[px] = S_UPRIGHT, height[px] = 1.0f;
+                    }
                 } else if (d <= depth[px] && d < best[px]) {
                     best[px] = d;
                 }
@@ -719,13 +723,13 @@ void s2r_sprites(int n, int h, int w, int count, const int64_t *frame, const dou
                  const float *stexture, int decal, const uint8_t *templates, int T,
                  const float *coloured, const uint8_t *emits, const float *fixed, int canopy,
                  const float *tile, int tile_n, float *depth, uint8_t *label, float *albedo,
-                 float *emissive, float *best) {
+                 float *emissive, float *best, uint8_t *surface, float *height) {
     int64_t *seen = (int64_t *)calloc((size_t)(n > 0 ? n : 1), sizeof(int64_t));
     if (!seen) return;
     if (decal) sprite_pass(0, h, w, count, frame, u0, v0, sw, sh, sdepth, tmpl, templates, T, 1,
-                           depth, best);
+                           depth, best, NULL, NULL);
     sprite_pass(1, h, w, count, frame, u0, v0, sw, sh, sdepth, tmpl, templates, T, decal, depth,
-                best);
+                best, decal ? NULL : surface, height);
     const float *win = decal ? best : depth;
     for (int s = 0; s < count; s++) {
         const int64_t rank = seen[frame[s]]++; /* the sprite's place within its frame */

@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
     lib.s2r_finish.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _I]
     lib.s2r_sprites.restype = None
     lib.s2r_sprites.argtypes = [_I, _I, _I, _I] + [_P] * 9 + [_P, _I, _P, _I, _P, _P, _P, _I]
-    lib.s2r_sprites.argtypes += [_P, _I, _P, _P, _P, _P, _P]
+    lib.s2r_sprites.argtypes += [_P, _I, _P, _P, _P, _P, _P, _P, _P]
     lib.s2r_isa.restype = _I
     lib.s2r_isa.argtypes = [_I]
     return lib
@@ -338,18 +338,29 @@ def sprites(
     fixed_colors: np.ndarray,
     decal: bool = False,
     tile: np.ndarray | None = None,
+    upright: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """:func:`simulation.procedural.sprites.rasterize` as one compiled loop, in place:
-    the same arguments, the same arithmetic and the same bytes."""
+    the same arguments, the same arithmetic and the same bytes.
+
+    ``upright``: the ``(surface (N, H, W) uint8, height (N, H, W) float32)`` buffers of
+    :func:`surfaces`; where an upright sprite moves the depth, ``S_UPRIGHT`` and 1.0 are
+    written there (what the renderer otherwise derives by comparing the depth).
+    """
     from simulation.procedural import sprites as sp
 
     n, h, w = depth.shape
+    surface, height = upright if upright is not None else (None, None)
     for name, buf, dtype in (
         ("depth", depth, np.float32),
         ("label", label, np.uint8),
         ("albedo", albedo, np.float32),
         ("emissive", emissive, np.float32),
+        ("surface", surface, np.uint8),
+        ("height", height, np.float32),
     ):
+        if buf is None:
+            continue
         if buf.dtype != dtype or not buf.flags.c_contiguous:
             raise TypeError(f"{name}: expected a C-contiguous {np.dtype(dtype)} array")
     count = len(sprites.frame)
@@ -392,7 +403,7 @@ def sprites(
         sp.CANOPY,
         ptr(tile),
         0 if tile is None else int(tile.shape[0]),
-        *(ptr(b) for b in (depth, label, albedo, emissive, best)),
+        *(ptr(b) for b in (depth, label, albedo, emissive, best, surface, height)),
     )
 
 

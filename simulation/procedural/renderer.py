@@ -194,21 +194,27 @@ class ProceduralRenderer:
         # upright objects, z-tested against the background (numpy views share memory)
         depth_np, label_np = depth.numpy(), label.numpy()
         albedo_np, emissive_np = albedo.numpy(), emissive.numpy()
-        before = depth_np.copy()
         sprites = self._project(objects, g)
         tile = None
         if sprites.texture is not None and (sprites.texture > 0).any():
             tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
-        draw = fused.sprites if self.passes == "fused" else rasterize
         buffers = (depth_np, label_np, albedo_np, emissive_np, self._parts)
         decal = sprites.decal
-        if decal.any():
-            draw(_select(sprites, decal), *buffers, True)
-            sprites = _select(sprites, ~decal)
-        draw(sprites, *buffers, tile=tile)
-        upright = torch.from_numpy(depth_np != before)
-        surface[upright] = S_UPRIGHT
-        height_m[upright] = 1.0
+        if self.passes == "fused":  # marks the upright pixels itself
+            if decal.any():
+                fused.sprites(_select(sprites, decal), *buffers, True)
+                sprites = _select(sprites, ~decal)
+            upright = (surface.numpy(), height_m.numpy())
+            fused.sprites(sprites, *buffers, tile=tile, upright=upright)
+        else:
+            before = depth_np.copy()
+            if decal.any():
+                rasterize(_select(sprites, decal), *buffers, True)
+                sprites = _select(sprites, ~decal)
+            rasterize(sprites, *buffers, tile=tile)
+            moved = torch.from_numpy(depth_np != before)
+            surface[moved] = S_UPRIGHT
+            height_m[moved] = 1.0
         wx = torch.tensor(
             [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
         )
