@@ -891,16 +891,38 @@ void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float
     }
 }
 
-/* Bilinear sample of plane `pl` (h, w) at (fy, fx) pixels, coordinates clipped to the
- * border (grid_sample's padding_mode="border"). */
-static inline float bilinear(const float *pl, int h, int w, float fy, float fx) {
-    const float bx = clampf(fx, 0.0f, (float)(w - 1)), by = clampf(fy, 0.0f, (float)(h - 1));
-    const int x0 = (int)bx, y0 = (int)by; /* both >= 0 */
-    const int x1 = x0 + 1 < w ? x0 + 1 : w - 1, y1 = y0 + 1 < h ? y0 + 1 : h - 1;
-    const float ax = bx - x0, ay = by - y0;
-    const float top = pl[(size_t)y0 * w + x0] * (1.0f - ax) + pl[(size_t)y0 * w + x1] * ax;
-    const float bot = pl[(size_t)y1 * w + x0] * (1.0f - ax) + pl[(size_t)y1 * w + x1] * ax;
-    return top * (1.0f - ay) + bot * ay;
+/* dst (h, w) = src magnified by 1 / scale about the centre, bilinear with the border
+ * replicated (grid_sample's padding_mode="border"): pixel (r, c) samples ((gy scale + 1) / 2
+ * (h - 1), (gx scale + 1) / 2 (w - 1)), gy and gx in [-1, 1]. The position is separable, so the
+ * corners and weights are computed once per column and once per row. */
+static void magnify_plane(float *dst, const float *src, int h, int w, float scale) {
+    int *x0 = (int *)malloc(sizeof(int) * 2 * (size_t)w);
+    float *ax = (float *)malloc(sizeof(float) * (size_t)w);
+    int r, c;
+    if (!x0 || !ax) {
+        free(x0), free(ax);
+        return;
+    }
+    int *x1 = x0 + w;
+    for (c = 0; c < w; c++) {
+        const float gx = w > 1 ? -1.0f + 2.0f * c / (float)(w - 1) : 0.0f;
+        const float bx = clampf((gx * scale + 1.0f) / 2.0f * (w - 1), 0.0f, (float)(w - 1));
+        x0[c] = (int)bx, x1[c] = x0[c] + 1 < w ? x0[c] + 1 : w - 1, ax[c] = bx - x0[c];
+    }
+    for (r = 0; r < h; r++) {
+        const float gy = h > 1 ? -1.0f + 2.0f * r / (float)(h - 1) : 0.0f;
+        const float by = clampf((gy * scale + 1.0f) / 2.0f * (h - 1), 0.0f, (float)(h - 1));
+        const int y0 = (int)by, y1 = y0 + 1 < h ? y0 + 1 : h - 1;
+        const float ay = by - y0;
+        const float *t = src + (size_t)y0 * w, *b = src + (size_t)y1 * w;
+        float *out = dst + (size_t)r * w;
+        for (c = 0; c < w; c++) {
+            const float top = t[x0[c]] * (1.0f - ax[c]) + t[x1[c]] * ax[c];
+            const float bot = b[x0[c]] * (1.0f - ax[c]) + b[x1[c]] * ax[c];
+            out[c] = top * (1.0f - ay) + bot * ay;
+        }
+    }
+    free(x0), free(ax);
 }
 
 /* camera_effects.filmic: Narkowicz's ACES fit on 1.6 x, clamped to [0, 1]. */
@@ -1014,19 +1036,8 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
             if (copy) {
                 memcpy(copy, im, sizeof(float) * plane);
                 memcpy(copy + plane, im + 2 * plane, sizeof(float) * plane);
-                for (r = 0; r < h; r++) {
-                    const float gy = h > 1 ? -1.0f + 2.0f * r / (float)(h - 1) : 0.0f;
-                    for (c = 0; c < w; c++) {
-                        const float gx = w > 1 ? -1.0f + 2.0f * c / (float)(w - 1) : 0.0f;
-                        const size_t q = (size_t)r * w + c;
-                        const float sr = 1.0f - ca_k, sb = 1.0f + ca_k;
-                        im[q] = bilinear(copy, h, w, (gy * sr + 1.0f) / 2.0f * (h - 1),
-                                         (gx * sr + 1.0f) / 2.0f * (w - 1));
-                        im[2 * plane + q] =
-                            bilinear(copy + plane, h, w, (gy * sb + 1.0f) / 2.0f * (h - 1),
-                                     (gx * sb + 1.0f) / 2.0f * (w - 1));
-                    }
-                }
+                magnify_plane(im, copy, h, w, 1.0f - ca_k);
+                magnify_plane(im + 2 * plane, copy + plane, h, w, 1.0f + ca_k);
                 free(copy);
             }
         }
