@@ -2,6 +2,7 @@
 
     python scripts/benchmark_generation.py                       # 128x256, full preset
     python scripts/benchmark_generation.py --kernels fused       # one path only
+    python scripts/benchmark_generation.py --kernels fused --isa baseline avx2 avx512
     python scripts/benchmark_generation.py --compile             # + torch.compile'd kernels
     python scripts/benchmark_generation.py --frames 2000 --preset light
     python scripts/benchmark_generation.py --preset appearance --photo-preset camera_world
@@ -57,10 +58,22 @@ def main() -> None:
         choices=["torch", "fused"],
         help="the per-pixel passes to time (default: both, where fused was built)",
     )
+    ap.add_argument(
+        "--isa",
+        nargs="+",
+        default=None,
+        choices=fused.ISA_NAMES,
+        help="instruction sets to time the fused passes with, side by side (default: the "
+        "widest this CPU has); a set the CPU lacks runs as the widest it has",
+    )
     args = ap.parse_args()
     if "fused" in args.kernels and not fused.available():
         ap.error("--kernels fused: the compiled passes were not built by pip install here")
-    paths = [(k, False) for k in args.kernels] + ([("torch", True)] if args.compile else [])
+    widest = fused.isa() if fused.available() else None
+    isas = args.isa or [widest]
+    paths = [(k, False, None) for k in args.kernels if k != "fused"]
+    paths += [("fused", False, i) for i in isas if "fused" in args.kernels]
+    paths += [("torch", True, None)] if args.compile else []
 
     taxonomy = instantiate(OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml"))
     presets = {"sim": args.preset, "photo": args.photo_preset or args.preset}
@@ -69,16 +82,18 @@ def main() -> None:
         f"# {date.today()} {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"{args.frames} frames {args.height}x{args.width}, presets {presets}, "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size}; fused passes built for up to {widest}"
     )
-    print(f"{'style':6s} {'passes':8s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
+    print(f"{'style':6s} {'passes':15s} {'stage':7s} {'frames/s':>9s} {'ms/frame':>9s}")
     for style in args.styles:
         randomizer = randomizers[style]
         start = time.perf_counter()
         for i in range(args.frames):
             randomizer.sample(0, i)
         _row(style, "-", "sample", args.frames, time.perf_counter() - start)
-        for kernels, compiled in paths:
+        for kernels, compiled, isa in paths:
+            if isa is not None:
+                isa = fused.isa(isa)  # the set that runs: at most the widest the CPU has
             backend = ProceduralBackend(
                 randomizer,
                 taxonomy,
@@ -91,6 +106,7 @@ def main() -> None:
                 kernels=kernels,
             )
             name = "compiled" if compiled else kernels
+            name += f"/{isa}" if isa is not None and len(isas) > 1 else ""
             backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up (and compile)
             start = time.perf_counter()
             for lo in range(0, args.frames, args.shard_size):
@@ -112,7 +128,7 @@ def _preset(name: str):
 
 def _row(style: str, passes: str, stage: str, frames: int, seconds: float) -> None:
     rate, ms = frames / seconds, 1000 * seconds / frames
-    print(f"{style:6s} {passes:8s} {stage:7s} {rate:9.1f} {ms:9.2f}", flush=True)
+    print(f"{style:6s} {passes:15s} {stage:7s} {rate:9.1f} {ms:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

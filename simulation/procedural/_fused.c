@@ -121,13 +121,26 @@ static int threads_or_one(int threads) { return threads > 0 ? threads : 1; }
  * (s2r_isa). Every variant performs the same IEEE float operations in the same order
  * (no contraction into FMA: -ffp-contract=off; no approximate reciprocals), so all
  * three write the same bytes; tests/test_fused.py checks it. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) || defined(__clang__)
+#define S2R_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define S2R_INLINE static __forceinline
+#define restrict __restrict
+#else
+#define S2R_INLINE static inline
+#endif
+#if defined(__GNUC__) && !defined(__clang__) /* GCC would vectorize it into gathers */
+#define S2R_SCALAR static __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define S2R_SCALAR static
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(S2R_NO_DISPATCH)
 #define S2R_DISPATCH 1
-#define S2R_BODY static inline __attribute__((always_inline))
+#define S2R_BODY S2R_INLINE
 #define S2R_AVX2 __attribute__((target("avx2,bmi,bmi2,popcnt,sse4.2")))
 #define S2R_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,bmi,bmi2,popcnt,sse4.2")))
 #else
-#define S2R_BODY static inline
+#define S2R_BODY S2R_INLINE
 #endif
 
 static int isa_cap = 2; /* 0 baseline, 1 AVX2, 2 AVX-512: the widest allowed */
@@ -157,7 +170,7 @@ int s2r_isa(int cap) {
 #define S2R_PICK(NAME, LEVEL) ((LEVEL) == 2 ? NAME##_2 : ((LEVEL) == 1 ? NAME##_1 : NAME##_0))
 #else
 #define S2R_VARIANTS(NAME, PARAMS, ARGS) static void NAME##_0 PARAMS { NAME##_body ARGS; }
-#define S2R_PICK(NAME, LEVEL) NAME##_0
+#define S2R_PICK(NAME, LEVEL) ((void)(LEVEL), NAME##_0)
 #endif
 
 /* rintf (half to even) and floorf, exact for every float and branch-free, so that
@@ -201,7 +214,7 @@ typedef struct {
 } SurfRows;
 
 /* A ground row (kernels.background): road, markings, sidewalk, terrain. */
-static inline __attribute__((always_inline)) void ground_row(
+S2R_INLINE void ground_row(
     int w, const float *restrict dx, float t, float centre, float le, float re, float walk_l,
     float walk_r, float lw, float last_line, int dashed, float zg, int road, int sidewalk,
     int terrain, float *restrict dep, float *restrict hgt, float *restrict tu,
@@ -225,7 +238,7 @@ static inline __attribute__((always_inline)) void ground_row(
 
 /* One side's frontage plane along a row: depth z, height y and block index (-1: no
  * block: the ray turns away or leaves the blocks). */
-static inline __attribute__((always_inline)) void frontage_row(
+S2R_INLINE void frontage_row(
     int w, const float *restrict dx, int side, float zwc, float ty, float a, float cc,
     float cam_h, float ywv, float ph, float blen, float *restrict fz, float *restrict fy,
     int32_t *restrict fbi) {
@@ -1104,15 +1117,14 @@ static inline uint8_t to_byte(float v) {
 }
 
 /* to_byte over a row (vectorized). */
-static inline __attribute__((always_inline)) void bytes_row(int w, const float *restrict v,
-                                                           uint8_t *restrict out) {
+S2R_INLINE void bytes_row(int w, const float *restrict v, uint8_t *restrict out) {
     for (int c = 0; c < w; c++) out[c] = to_byte(v[c]);
 }
 
 /* One row of the roll's sampling positions (the same float maths at every column, so
  * it vectorizes): label source index (-1: outside the frame, -2: outside the view),
  * bilinear corner offset, steps and weights. */
-static inline __attribute__((always_inline)) void roll_row(
+S2R_INLINE void roll_row(
     int h, int w, float t0, float gx0, float t3, float gy0, int32_t *restrict lidx,
     int32_t *restrict o00, int32_t *restrict stepx, int32_t *restrict stepy,
     float *restrict ax, float *restrict ay) {
@@ -1145,7 +1157,7 @@ static inline __attribute__((always_inline)) void roll_row(
  * scalar: the AVX-512 gathers GCC makes of it were no faster here (0.55-0.70 against
  * 0.47-0.78 ms a frame for the whole pass), and gathers are slow on CPUs with the
  * Gather Data Sampling mitigation. */
-static __attribute__((noinline, optimize("no-tree-vectorize"))) void bilinear_row(
+S2R_SCALAR void bilinear_row(
     int w, const float *restrict pl, const int32_t *restrict o00, const int32_t *restrict stepx,
     const int32_t *restrict stepy, const float *restrict ax, const float *restrict ay,
     float *restrict val) {
