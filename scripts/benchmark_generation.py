@@ -3,6 +3,7 @@
     python scripts/benchmark_generation.py                       # 128x256, full preset
     python scripts/benchmark_generation.py --kernels fused       # one path only
     python scripts/benchmark_generation.py --kernels fused --isa baseline avx2 avx512
+    python scripts/benchmark_generation.py --stages --frames 512   # ms per pass, one thread
     python scripts/benchmark_generation.py --compile             # + torch.compile'd kernels
     python scripts/benchmark_generation.py --frames 2000 --preset light
     python scripts/benchmark_generation.py --preset appearance --photo-preset camera_world
@@ -66,7 +67,15 @@ def main() -> None:
         help="instruction sets to time the fused passes with, side by side (default: the "
         "widest this CPU has); a set the CPU lacks runs as the widest it has",
     )
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead: ms per frame of each fused pass and of the Python layout, on one thread",
+    )
     args = ap.parse_args()
+    if args.stages:
+        _stages(args)
+        return
     if "fused" in args.kernels and not fused.available():
         ap.error("--kernels fused: the compiled passes were not built by pip install here")
     widest = fused.isa() if fused.available() else None
@@ -117,6 +126,58 @@ def main() -> None:
                 start = time.perf_counter()
                 result = generate_shards(backend, writer, writer.open(), taxonomy, progress=False)
                 _row(style, name, "disk", result.frames, time.perf_counter() - start)
+
+
+def _stages(args) -> None:
+    """Where a frame's time goes: each fused pass and the Python around them, timed by
+    wrapping them, one thread, one batch after a warm-up batch."""
+    import collections
+    import functools
+
+    from simulation.procedural import renderer
+
+    if not fused.available():
+        raise SystemExit("--stages: the compiled passes were not built by pip install here")
+    torch.set_num_threads(1)
+    spent: collections.Counter = collections.Counter()
+
+    def timed(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    for name in ("surfaces", "sprites", "shade", "camera", "sensor", "finish"):
+        timed(fused, name, f"pass {name}")
+    timed(renderer, "make_street", "python street layout")
+    timed(renderer, "make_objects", "python object layout")
+    taxonomy = instantiate(OmegaConf.load(CONFIGS / "taxonomy/drive11.yaml"))
+    print(f"# {date.today()}, one thread, {args.frames} frames {args.height}x{args.width}")
+    for style in args.styles:
+        preset = args.photo_preset if style == "photo" and args.photo_preset else args.preset
+        randomizer = instantiate(_preset(preset))
+        timed(randomizer, "sample", "python scene sampling")
+        backend = ProceduralBackend(
+            randomizer, taxonomy, 0, args.height, args.width, style, args.batch_size
+        )
+        backend.render(list(range(10**6, 10**6 + args.batch_size)))  # warm-up
+        spent.clear()
+        start = time.perf_counter()
+        backend.render(list(range(args.frames)))
+        total = time.perf_counter() - start
+        print(f"{style}: {1000 * total / args.frames:.2f} ms a frame in all")
+        for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+            print(f"  {label:24s} {1000 * seconds / args.frames:6.3f}")
+        rest = total - sum(spent.values())
+        print(f"  {'other (glue)':24s} {1000 * rest / args.frames:6.3f}")
+        backend.close()
 
 
 def _preset(name: str):
