@@ -692,27 +692,39 @@ void s2r_shade(int n, int h, int w, const float *dx, const float *yw, const floa
  * fixed colour `fixed` (NUM_PARTS, 3); emits: (NUM_PARTS) uint8; canopy: the part that
  * tile (tile_n, tile_n, NULL: none) textures. surface and height (NULL: not kept): an
  * upright sprite's pixels become S_UPRIGHT at height 1 where it moved the depth. */
+/* The pixels a sprite covers, [x0, x1) x [y0, y1) clipped to the frame (np.floor,
+ * np.ceil, np.clip); 0 where it covers none or lies behind the camera (depth d). */
+static int sprite_box(double u0, double v0, double sw, double sh, float d, int h, int w,
+                      int *x0, int *x1, int *y0, int *y1) {
+    const double fx0 = floor(u0), fx1 = ceil(u0 + sw), fy0 = floor(v0), fy1 = ceil(v0 + sh);
+    *x0 = (int)(fx0 < 0.0 ? 0.0 : (fx0 > w ? w : fx0));
+    *x1 = (int)(fx1 < 0.0 ? 0.0 : (fx1 > w ? w : fx1));
+    *y0 = (int)(fy0 < 0.0 ? 0.0 : (fy0 > h ? h : fy0));
+    *y1 = (int)(fy1 < 0.0 ? 0.0 : (fy1 > h ? h : fy1));
+    return *x1 > *x0 && *y1 > *y0 && d > 0.0f;
+}
+
+/* The template cell (0..T-1) of pixel `pos` along one axis of a sprite at `origin` of
+ * `size` pixels: ((pos + 0.5 - origin) / size * T) truncated and clipped. */
+static inline int64_t template_cell(int pos, double origin, double size, int T) {
+    const int64_t t = (int64_t)(((double)pos + 0.5 - origin) / size * T);
+    return t < 0 ? 0 : (t > T - 1 ? T - 1 : t);
+}
+
 static void sprite_pass(int pass, int h, int w, int count, const int64_t *frame,
                         const double *u0, const double *v0, const double *sw,
                         const double *sh, const float *sdepth, const int64_t *tmpl,
                         const uint8_t *templates, int T, int decal, float *depth,
                         float *best, uint8_t *surface, float *height) {
     for (int s = 0; s < count; s++) {
-        const double fx0 = floor(u0[s]), fx1 = ceil(u0[s] + sw[s]);
-        const double fy0 = floor(v0[s]), fy1 = ceil(v0[s] + sh[s]);
-        const int x0 = (int)(fx0 < 0.0 ? 0.0 : (fx0 > w ? w : fx0));
-        const int x1 = (int)(fx1 < 0.0 ? 0.0 : (fx1 > w ? w : fx1));
-        const int y0 = (int)(fy0 < 0.0 ? 0.0 : (fy0 > h ? h : fy0));
-        const int y1 = (int)(fy1 < 0.0 ? 0.0 : (fy1 > h ? h : fy1));
         const float d = sdepth[s];
-        if (x1 <= x0 || y1 <= y0 || !(d > 0.0f)) continue;
+        int x0, x1, y0, y1;
+        if (!sprite_box(u0[s], v0[s], sw[s], sh[s], d, h, w, &x0, &x1, &y0, &y1)) continue;
         const uint8_t *tp = templates + (size_t)tmpl[s] * T * T;
         for (int row = y0; row < y1; row++) {
-            int64_t ty = (int64_t)(((double)row + 0.5 - v0[s]) / sh[s] * T);
-            ty = ty < 0 ? 0 : (ty > T - 1 ? T - 1 : ty);
+            const int64_t ty = template_cell(row, v0[s], sh[s], T);
             for (int col = x0; col < x1; col++) {
-                int64_t tx = (int64_t)(((double)col + 0.5 - u0[s]) / sw[s] * T);
-                tx = tx < 0 ? 0 : (tx > T - 1 ? T - 1 : tx);
+                const int64_t tx = template_cell(col, u0[s], sw[s], T);
                 if (!tp[ty * T + tx]) continue;
                 const size_t px = ((size_t)frame[s] * h + row) * w + col;
                 if (pass == 0) { /* decals: reset the scratch where they land */
@@ -746,22 +758,15 @@ void s2r_sprites(int n, int h, int w, int count, const int64_t *frame, const dou
     const float *win = decal ? best : depth;
     for (int s = 0; s < count; s++) {
         const int64_t rank = seen[frame[s]]++; /* the sprite's place within its frame */
-        const double fx0 = floor(u0[s]), fx1 = ceil(u0[s] + sw[s]);
-        const double fy0 = floor(v0[s]), fy1 = ceil(v0[s] + sh[s]);
-        const int x0 = (int)(fx0 < 0.0 ? 0.0 : (fx0 > w ? w : fx0));
-        const int x1 = (int)(fx1 < 0.0 ? 0.0 : (fx1 > w ? w : fx1));
-        const int y0 = (int)(fy0 < 0.0 ? 0.0 : (fy0 > h ? h : fy0));
-        const int y1 = (int)(fy1 < 0.0 ? 0.0 : (fy1 > h ? h : fy1));
         const float d = sdepth[s];
-        if (x1 <= x0 || y1 <= y0 || !(d > 0.0f)) continue;
+        int x0, x1, y0, y1;
+        if (!sprite_box(u0[s], v0[s], sw[s], sh[s], d, h, w, &x0, &x1, &y0, &y1)) continue;
         const uint8_t *tp = templates + (size_t)tmpl[s] * T * T;
         const int textured = tile && stexture && stexture[s] > 0.0f;
         for (int row = y0; row < y1; row++) {
-            int64_t ty = (int64_t)(((double)row + 0.5 - v0[s]) / sh[s] * T);
-            ty = ty < 0 ? 0 : (ty > T - 1 ? T - 1 : ty);
+            const int64_t ty = template_cell(row, v0[s], sh[s], T);
             for (int col = x0; col < x1; col++) {
-                int64_t tx = (int64_t)(((double)col + 0.5 - u0[s]) / sw[s] * T);
-                tx = tx < 0 ? 0 : (tx > T - 1 ? T - 1 : tx);
+                const int64_t tx = template_cell(col, u0[s], sw[s], T);
                 const int part = tp[ty * T + tx];
                 if (!part) continue;
                 const size_t px = ((size_t)frame[s] * h + row) * w + col;
