@@ -851,6 +851,16 @@ S2R_BODY void blur_planes_body(float *im, int planes, int h, int w, float sigma)
 S2R_VARIANTS(blur_planes, (float *im, int planes, int h, int w, float sigma),
              (im, planes, h, w, sigma))
 
+/* Row `row` of a noise bank plane (bank_w wide) from column dxo, w long; with `flip`
+ * mirrored into `flipped` (w floats), so that the row loops read it in order. */
+static const float *noise_row(const float *plane, int bank_w, int row, int dxo, int w,
+                              int flip, float *flipped) {
+    const float *src = plane + (size_t)row * bank_w + dxo;
+    if (!flip) return src;
+    for (int c = 0; c < w; c++) flipped[c] = src[w - 1 - c];
+    return flipped;
+}
+
 /* One row of the sensor's gain and noise (nrow: already flipped where the crop is). */
 S2R_BODY void sensor_row_body(int w, float *restrict pl, const float *restrict rd2,
                               const float *restrict nrow, int gained, float vignetting,
@@ -885,7 +895,7 @@ void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float
     for (i = 0; i < n; i++) {
         const size_t plane = (size_t)h * w;
         float *im = img + (size_t)i * 3 * plane;
-        int ch, r, c;
+        int ch, r;
         if (sigma[i] >= 0.05f) S2R_PICK(blur_planes, isa)(im, 3, h, w, sigma[i]);
         const int gained = vignetting[i] > 0.0f || exposure[i] != 1.0f;
         const float std = noise_std[i];
@@ -896,11 +906,7 @@ void s2r_sensor(int n, int h, int w, float *img, const float *sigma, const float
             float *pl = im + ch * plane;
             const float *nb = bank + (size_t)ch * bank_h * bank_w;
             for (r = 0; r < h; r++) {
-                const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
-                if (flip) {
-                    for (c = 0; c < w; c++) flipped[c] = nrow[w - 1 - c];
-                    nrow = flipped;
-                }
+                const float *nrow = noise_row(nb, bank_w, dy + r, dxo, w, flip, flipped);
                 S2R_PICK(sensor_row, isa)(w, pl + (size_t)r * w, rd2 + (size_t)r * w, nrow, gained,
                                           vignetting[i], exposure[i], std);
             }
@@ -1066,11 +1072,7 @@ void s2r_camera(int n, int h, int w, float *img, const float *gains, float lens_
             float *pl = im + ch * plane;
             const float *nb = bank + (size_t)ch * bank_h * bank_w;
             for (r = 0; r < h; r++) {
-                const float *nrow = nb + (size_t)(dy + r) * bank_w + dxo;
-                if (flip) {
-                    for (c = 0; c < w; c++) flipped[c] = nrow[w - 1 - c];
-                    nrow = flipped;
-                }
+                const float *nrow = noise_row(nb, bank_w, dy + r, dxo, w, flip, flipped);
                 S2R_PICK(camera_row, level)(w, pl + (size_t)r * w, rd2 + (size_t)r * w, nrow,
                                             vignetting, response, shot2, read2);
             }
