@@ -194,3 +194,66 @@ def test_compiled_sprites_write_the_bytes_of_the_numpy_rasterizer(decal):
     assert moved.any() != decal
     np.testing.assert_array_equal(surface, np.where(moved, kernels.S_UPRIGHT, 0))
     np.testing.assert_array_equal(height, np.where(moved, 1.0, 0.0).astype(np.float32))
+
+
+@needs_fused
+def test_render_threads_take_small_pieces_and_the_bytes_stay(taxonomy, monkeypatch):
+    """Pieces of PIECE_PIXELS (here 5 frames) on the pool of render threads: the frames
+    of one piece of 24 and of five pieces are the same bytes, records in order."""
+    from simulation.procedural import backend as backend_module
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = _frames(taxonomy, "full", "sim", "fused", range(24))
+        monkeypatch.setattr(backend_module, "PIECE_PIXELS", 5 * H * W)
+        sizes = []
+        render = ProceduralBackend._render
+
+        def spy(self, chunk, threads):
+            sizes.append(len(chunk))
+            return render(self, chunk, threads)
+
+        monkeypatch.setattr(ProceduralBackend, "_render", spy)
+        pieces = _frames(taxonomy, "full", "sim", "fused", range(24))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(sizes) == [4, 5, 5, 5, 5]
+    np.testing.assert_array_equal(pieces.images, whole.images)
+    np.testing.assert_array_equal(pieces.masks, whole.masks)
+    assert [r["index"] for r in pieces.records] == list(range(24))
+
+
+@needs_fused
+def test_generation_benchmark_prints_each_instruction_set_and_the_stages():
+    """scripts/benchmark_generation.py, tiny: a row per instruction set asked for (named
+    as the set that ran) and the per-pass stages, each with a positive figure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_generation.py"
+    tiny = ["--frames", "8", "--batch-size", "4", "--shard-size", "4", "--styles", "sim"]
+    widest = fused.isa()
+    out = subprocess.run(
+        [sys.executable, str(script), *tiny, "--kernels", "fused", "--isa", "baseline", widest],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("sim ")]
+    names = {(r[1], r[2]) for r in rows}
+    assert {("fused/baseline", "memory"), ("fused/baseline", "disk")} <= names
+    assert (f"fused/{widest}", "memory") in names or widest == "baseline"
+    assert all(float(r[3]) > 0 for r in rows)
+    stages = subprocess.run(
+        [sys.executable, str(script), *tiny, "--stages"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    for label in ("pass surfaces", "pass shade", "pass finish", "python scene sampling"):
+        line = next(x for x in stages.splitlines() if x.strip().startswith(label))
+        assert float(line.split()[-1]) > 0, line
