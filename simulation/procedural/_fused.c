@@ -961,17 +961,17 @@ static inline float filmic(float x) {
 S2R_BODY void camera_row_body(int w, float *restrict pl, const float *restrict rd2,
                               const float *restrict nrow, float vignetting, float response,
                               float shot2, float read2) {
-    /* every step is computed and selected, so that the loop vectorizes */
-    const int vignetted = vignetting > 0.0f, filmic_on = response > 0.0f;
-    const int noisy = shot2 > 0.0f || read2 > 0.0f;
+    /* every step is computed and selected, so that the loop vectorizes (GCC 12 does so
+     * only where the selects' conditions are float comparisons) */
+    const float noisy = (shot2 > 0.0f || read2 > 0.0f) ? 1.0f : 0.0f;
     for (int c = 0; c < w; c++) {
         float v = pl[c];
         const float vg = v * (1.0f - vignetting * rd2[c]);
-        v = vignetted ? vg : v;
+        v = vignetting > 0.0f ? vg : v;
         const float fl = v * (1.0f - response) + filmic(clampf(v, 0.0f, 1.0f)) * response;
-        v = filmic_on ? fl : v;
+        v = response > 0.0f ? fl : v;
         const float nz = v + nrow[c] * sqrtf(maxf(v, 0.0f) * shot2 + read2);
-        v = noisy ? nz : v;
+        v = noisy > 0.0f ? nz : v;
         pl[c] = clampf(v, 0.0f, 1.0f);
     }
 }
