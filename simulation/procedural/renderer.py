@@ -36,7 +36,6 @@ from simulation.procedural.kernels import (
     M_WINDOW,
     MATERIAL_SURFACE,
     NUM_MATERIALS,
-    S_UPRIGHT,
     WEATHER_COLUMNS,
 )
 from simulation.procedural.layout import Objects, make_objects, make_street
@@ -198,23 +197,14 @@ class ProceduralRenderer:
         tile = None
         if sprites.texture is not None and (sprites.texture > 0).any():
             tile = textures.tiles()[textures.FAMILY_ID["foliage"], 0].numpy()
+        draw = fused.sprites if self.passes == "fused" else rasterize
         buffers = (depth_np, label_np, albedo_np, emissive_np, self._parts)
         decal = sprites.decal
-        if self.passes == "fused":  # marks the upright pixels itself
-            if decal.any():
-                fused.sprites(_select(sprites, decal), *buffers, True)
-                sprites = _select(sprites, ~decal)
-            upright = (surface.numpy(), height_m.numpy())
-            fused.sprites(sprites, *buffers, tile=tile, upright=upright)
-        else:
-            before = depth_np.copy()
-            if decal.any():
-                rasterize(_select(sprites, decal), *buffers, True)
-                sprites = _select(sprites, ~decal)
-            rasterize(sprites, *buffers, tile=tile)
-            moved = torch.from_numpy(depth_np != before)
-            surface[moved] = S_UPRIGHT
-            height_m[moved] = 1.0
+        if decal.any():
+            draw(_select(sprites, decal), *buffers, True)
+            sprites = _select(sprites, ~decal)
+        # the upright objects' pixels are marked where they move the depth
+        draw(sprites, *buffers, tile=tile, upright=(surface.numpy(), height_m.numpy()))
         wx = torch.tensor(
             [[getattr(p.weather, c) for c in WEATHER_COLUMNS] for p in params], dtype=torch.float32
         )

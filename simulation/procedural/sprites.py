@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simulation.procedural.kernels import S_UPRIGHT
+
 T = 32  # template resolution (T x T)
 
 # Template parts. Part 0 is transparent.
@@ -271,6 +273,7 @@ def rasterize(
     fixed_colors: np.ndarray,
     decal: bool = False,
     tile: np.ndarray | None = None,
+    upright: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Draw ``sprites`` into the buffers in place, nearest surface winning per pixel.
 
@@ -286,6 +289,8 @@ def rasterize(
         albedo: ``(N, H, W, 3) float32`` surface colour before lighting.
         emissive: ``(N, H, W) float32``; set to 1 where a light-emitting part wins.
         fixed_colors: ``(NUM_PARTS, 3)`` colours of the parts not coloured per sprite.
+        upright: ``(surface (N, H, W) uint8, height (N, H, W) float32)``, C-contiguous:
+            where an upright sprite moves the depth, ``S_UPRIGHT`` and 1.0 are written.
     """
     n, height, width = depth.shape
     x0 = np.clip(np.floor(sprites.u0), 0, width).astype(np.int64)
@@ -319,7 +324,14 @@ def rasterize(
         # several decals on one pixel: the nearest is written last and wins
         win = win[np.lexsort((-d[win], flat[win]))]
     else:
+        old = zbuf[flat]
         np.minimum.at(zbuf, flat, d)
+        if upright is not None:  # the pixels whose depth an upright sprite moved
+            moved = flat[zbuf[flat] < old]
+            for buf, value in zip(upright, (S_UPRIGHT, 1.0), strict=True):
+                if not buf.flags.c_contiguous:
+                    raise TypeError("upright: expected C-contiguous surface and height arrays")
+                buf.reshape(-1)[moved] = value
         win = d <= zbuf[flat]
     flat, sid, part = flat[win], sid[win], part[win]
     if tile is not None:
