@@ -1128,6 +1128,13 @@ S2R_INLINE void bytes_row(int w, const float *restrict v, uint8_t *restrict out)
     for (int c = 0; c < w; c++) out[c] = to_byte(v[c]);
 }
 
+/* Three planar rows of bytes (3 w) as one RGB row (w, 3). */
+S2R_INLINE void interleave_row(int w, const uint8_t *restrict planes, uint8_t *restrict rgb) {
+    for (int c = 0; c < w; c++) {
+        rgb[c * 3] = planes[c], rgb[c * 3 + 1] = planes[w + c], rgb[c * 3 + 2] = planes[2 * w + c];
+    }
+}
+
 /* One row of the roll's sampling positions (the same float maths at every column, so
  * it vectorizes): label source index (-1: outside the frame, -2: outside the view),
  * bilinear corner offset, steps and weights. */
@@ -1191,10 +1198,7 @@ S2R_BODY void finish_body(int h, int w, const float *restrict in, const uint8_t 
             const float *row = in + (size_t)r * w;
             uint8_t *orow = rgb + (size_t)r * w * 3;
             for (int ch = 0; ch < 3; ch++) bytes_row(w, row + ch * plane, bytes + ch * w);
-            for (c = 0; c < w; c++) {
-                orow[c * 3] = bytes[c], orow[c * 3 + 1] = bytes[w + c];
-                orow[c * 3 + 2] = bytes[2 * w + c];
-            }
+            interleave_row(w, bytes, orow);
         }
         return;
     }
@@ -1213,10 +1217,7 @@ S2R_BODY void finish_body(int h, int w, const float *restrict in, const uint8_t 
             bilinear_row(w, in + ch * plane, o00, stepx, stepy, ax, ay, val);
             bytes_row(w, val, bytes + ch * w);
         }
-        for (c = 0; c < w; c++) {
-            orow[c * 3] = bytes[c], orow[c * 3 + 1] = bytes[w + c];
-            orow[c * 3 + 2] = bytes[2 * w + c];
-        }
+        interleave_row(w, bytes, orow);
     }
 }
 S2R_VARIANTS(finish,
