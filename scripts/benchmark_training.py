@@ -101,18 +101,25 @@ def main() -> None:
             + (f"; {', '.join(gains)}" if gains else "")
             + ")"
         )
-    model.load_state_dict(initial)
-    model = model.to(memory_format=torch.contiguous_format)  # fp32 below, as "plain"
-    plain_step = args.batch_size / rates["fp32"]
     train_ips = max(rates.values())  # the data path must keep up with the fastest form
 
-    # --- a self-training step at the same batch
-    for mic in (0.0, 0.7):
-        st = _self_training_step(model, loss_fn, x, y, args.steps, device, mic)
-        print(
-            f"self-training {args.batch_size / st:8.1f} images/s  ({st:.3f} s/step, "
-            f"{st / plain_step:.2f}x a plain step; MIC {'on' if mic else 'off'})"
-        )
+    # --- a self-training step at the same batch, in fp32 and in the fastest form, each
+    # against the plain step of its own form
+    forms = {name: (bf16, cl) for name, bf16, cl in VARIANTS}
+    fastest = max(rates, key=rates.__getitem__)
+    for name in dict.fromkeys(("fp32", fastest)):
+        bf16, channels_last = forms[name]
+        plain_step = args.batch_size / rates[name]
+        for mic in (0.0, 0.7):
+            model.load_state_dict(initial)
+            st = _self_training_step(
+                model, loss_fn, x, y, args.steps, device, mic, bf16, channels_last
+            )
+            print(
+                f"self-training {name:<20} {args.batch_size / st:8.1f} images/s  ({st:.3f} "
+                f"s/step, {st / plain_step:.2f}x a plain {name} step; MIC {'on' if mic else 'off'})"
+            )
+    model = model.to(memory_format=torch.contiguous_format)
 
     # --- data path alone
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,12 +204,18 @@ def _train_step_seconds(model, loss_fn, x, y, steps, device, bf16, channels_last
     return statistics.median(times)
 
 
-def _self_training_step(model, loss_fn, x, y, steps, device, mic_ratio) -> float:
-    """Median seconds of one training step with the self-training objective's terms."""
+def _self_training_step(
+    model, loss_fn, x, y, steps, device, mic_ratio, bf16=False, channels_last=False
+) -> float:
+    """Median seconds of one training step with the self-training objective's terms, in
+    the given form (as :func:`_train_step_seconds`)."""
     from adaptation.plugin import ModelInfo, StepOutputs
     from adaptation.self_training import SelfTraining, ema_momentum, ema_update
 
-    real = torch.rand_like(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    real = torch.rand_like(x).contiguous(memory_format=fmt)
 
     def batches():
         while True:
@@ -218,10 +231,12 @@ def _self_training_step(model, loss_fn, x, y, steps, device, mic_ratio) -> float
         _sync(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits, features = model.forward_features(x)
-        outputs = StepOutputs(logits, features, model.forward_features, step, steps + 2)
-        term, _ = objective(batch, outputs)
-        (loss_fn(logits, y) + term).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, features = model.forward_features(x)
+            outputs = StepOutputs(logits, features, model.forward_features, step, steps + 2)
+            term, _ = objective(batch, outputs)
+            loss = loss_fn(logits, y) + term
+        loss.backward()
         opt.step()
         ema_update(objective.teacher, model, ema_momentum(step, plugin.momentum))
         _sync(device)
