@@ -11,8 +11,9 @@ Prints
   and collation), and its ratio to the fastest training form -- it must stay >= 5x so
   data never limits;
 * the cost of a self-training step (EMA teacher forward, ClassMix, the student on the
-  mixed batch; with and without MIC) against a plain step at the same batch: issue 11
-  asks for at most 2x;
+  mixed batch; with and without MIC) against a plain step at the same batch, in fp32 and
+  in the fastest form, each against the plain step of its own form: issue 11 asks for at
+  most 2x;
 * inference latency at batch 1 of eager, channels_last, TorchScript and bf16, measured
   as the risk T-06 monitor does (``training.risk.latency``: warm-up, best of interleaved
   rounds, pinned threads), with each form's speed-up over eager.
@@ -184,9 +185,7 @@ VARIANTS = (
 
 def _train_step_seconds(model, loss_fn, x, y, steps, device, bf16, channels_last) -> float:
     """Median seconds of forward + backward + AdamW step (after two warm-up steps)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
+    model, x = _in_layout(model, x, channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     times = []
@@ -212,10 +211,8 @@ def _self_training_step(
     from adaptation.plugin import ModelInfo, StepOutputs
     from adaptation.self_training import SelfTraining, ema_momentum, ema_update
 
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
-    real = torch.rand_like(x).contiguous(memory_format=fmt)
+    model, x = _in_layout(model, x, channels_last)
+    real = torch.rand_like(x)  # keeps x's memory format
 
     def batches():
         while True:
@@ -243,6 +240,13 @@ def _self_training_step(
         if step >= 2:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _in_layout(model, x, channels_last: bool):
+    """``(model, x)`` in the NHWC (channels_last) or the default memory layout; the model
+    is converted in place."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
 def _sync(device: torch.device) -> None:
